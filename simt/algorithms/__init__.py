@@ -1,0 +1,14 @@
+"""Meta-learners. Each exposes the same small interface the trainer, SiMT and the evaluator rely on:
+
+- `meta_parameters()`: the dict θ the outer optimizer trains (model parameters, plus MetaSGD's rates);
+- `momentum_keys`: which entries of θ the momentum target averages;
+- `student_outputs(θ, task)`: query outputs for the outer loss (dropout on where SiMT puts it);
+- `teacher_outputs(θ_m, task)`: the momentum target's query outputs (no gradient);
+- `eval_outputs(θ, task)`: query outputs at meta-test time;
+- `task_loss(outputs, targets)`, `state_dict()` / `load_state_dict()`.
+"""
+from simt.algorithms.maml import GradientLearner
+from simt.algorithms.metasgd import MetaSGD
+from simt.algorithms.protonet import ProtoNet
+
+__all__ = ["GradientLearner", "MetaSGD", "ProtoNet"]

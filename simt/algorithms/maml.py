@@ -1,0 +1,110 @@
+"""MAML, FOMAML and ANIL: one gradient-based learner, configured by what it adapts and how.
+
+- MAML (Finn et al., 2017): adapt every conv/linear parameter, second-order meta-gradient.
+- FOMAML: the same with `first_order=True` (the inner gradient is treated as a constant).
+- ANIL (Raghu et al., 2020): adapt the head only (`adapt=head`); the body is shared, meta-learned.
+
+As in the official SiMT code, BatchNorm's affine parameters are meta-learned but never adapted in the
+inner loop (and not averaged into the momentum target: see `momentum_keys`).
+"""
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from simt.algorithms.inner_loop import Params, adapt
+from simt.data.tasks import Task
+from simt.models import set_dropout
+
+ADAPT_CHOICES = ("all", "head")
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    return {f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+class GradientLearner:
+    """Adapt a params dict on the support set by SGD, then score the query set (MAML family).
+
+    Args:
+        model: a backbone with a linear head named `classifier` (kept in train mode: BN is transductive).
+        inner_lr: α, the inner SGD step size.
+        inner_steps: inner steps during meta-training (official: 5).
+        eval_inner_steps: inner steps at meta-test time, always first order (official: 10).
+        first_order: FOMAML (True) or second-order MAML (False).
+        adapt: "all" conv/linear parameters (MAML) or only the "head" (ANIL).
+        train_ways: ways of training episodes; None means the evaluation ways (task.ways).
+        loss_fn: the task loss on (outputs, targets); cross-entropy for classification.
+    """
+
+    embedding_model = False  # the backbone needs a head of `ways` outputs and transductive BatchNorm
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
+                 eval_inner_steps: int = 10, first_order: bool = False, adapt: str = "all",
+                 train_ways: int | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+        if adapt not in ADAPT_CHOICES:
+            raise ValueError(f"algo.adapt={adapt!r}: expected one of {', '.join(ADAPT_CHOICES)}")
+        self.model = model.train()
+        self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
+        self.first_order, self.train_ways, self.task_loss = first_order, train_ways, loss_fn
+        norm_names = _norm_parameter_names(model)
+        self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
+                           and (adapt == "all" or name.startswith("classifier."))]
+        self._norm_names = norm_names
+
+    # -- what the trainer and SiMT see -------------------------------------------------------------
+    def meta_parameters(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    @property
+    def momentum_keys(self) -> list[str]:
+        """Everything the outer optimizer trains except BN's affine parameters (official behaviour)."""
+        return [k for k in self.meta_parameters() if k not in self._norm_names]
+
+    def momentum_buffers(self) -> Params:
+        return {}  # transductive BN keeps no running statistics
+
+    def student_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        """Adapt with dropout off, then the query pass with dropout on: SiMT's only student perturbation."""
+        adapted = self.adapt(params, task, self.inner_steps, self.first_order)
+        set_dropout(self.model, True)
+        try:
+            return self._forward(adapted, task.query_x)
+        finally:
+            set_dropout(self.model, False)
+
+    def teacher_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        """The momentum target: first-order adaptation, dropout off, no gradient to anything."""
+        adapted = self.adapt(params, task, self.inner_steps, first_order=True)
+        with torch.no_grad():
+            return self._forward(adapted, task.query_x)
+
+    def eval_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        adapted = self.adapt(params, task, self.eval_inner_steps, first_order=True)
+        with torch.no_grad():
+            return self._forward(adapted, task.query_x)
+
+    # -- mechanics ---------------------------------------------------------------------------------
+    def adapt(self, params: Params, task: Task, steps: int, first_order: bool) -> Params:
+        set_dropout(self.model, False)  # the inner loop never sees dropout (official behaviour)
+        support_loss = lambda p: self.task_loss(self._forward(p, task.support_x), task.support_y)  # noqa: E731
+        return adapt(support_loss, params, self.adapt_keys, steps, self.inner_lrs_of(params), first_order)
+
+    def inner_lrs_of(self, params: Params) -> float | Params:
+        return self.inner_lr
+
+    def _forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        # Keys missing from `params` (e.g. BN affine for the momentum target) fall back to the module's own.
+        return functional_call(self.model, params, (x,), strict=False)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])

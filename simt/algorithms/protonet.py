@@ -1,0 +1,87 @@
+"""Prototypical Networks (Snell et al., 2017): logits are negative squared Euclidean distances from each
+query embedding to the class means (prototypes) of the support embeddings."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from simt.algorithms.inner_loop import Params
+from simt.data.tasks import Task
+from simt.models import set_dropout
+
+
+def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """(N, D) embeddings, (N,) labels in 0..ways-1 -> (ways, D) class means."""
+    sums = embeddings.new_zeros(ways, embeddings.shape[1]).index_add_(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=ways).to(embeddings.dtype)
+    return sums / counts[:, None]
+
+
+def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """-||q - c_k||^2 for every query q and prototype c_k: (queries, ways)."""
+    protos = prototypes(support, support_y, int(support_y.max()) + 1)
+    return -(query[:, None, :] - protos[None, :, :]).pow(2).sum(-1)
+
+
+class ProtoNet:
+    """Metric-based learner; θ is the embedding network (standard BatchNorm with running statistics).
+
+    Args:
+        model: an embedding backbone (no head).
+        train_ways: ways of training episodes (official: 20-way training, 5-way testing).
+    """
+
+    embedding_model = True
+
+    def __init__(self, model: nn.Module, train_ways: int | None = 20):
+        self.model, self.train_ways = model.train(), train_ways
+
+    def meta_parameters(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    @property
+    def momentum_keys(self) -> list[str]:
+        return list(self.meta_parameters())  # the official code averages every parameter
+
+    def momentum_buffers(self) -> Params:
+        """The target keeps its own BN running statistics, updated by its own forward passes."""
+        return dict(self.model.named_buffers())
+
+    @staticmethod
+    def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def student_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        self.model.train()
+        set_dropout(self.model, True)  # the student is perturbed in both passes
+        return self._logits(params, task)
+
+    @torch.no_grad()
+    def teacher_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        # Official behaviour: dropout on for the target's support pass, off for its query pass.
+        self.model.train()
+        set_dropout(self.model, True)
+        support = self._embed(params, task.support_x)
+        set_dropout(self.model, False)
+        return prototype_logits(support, task.support_y, self._embed(params, task.query_x))
+
+    @torch.no_grad()
+    def eval_outputs(self, params: Params, task: Task) -> torch.Tensor:
+        self.model.eval()  # running BN statistics, no dropout
+        try:
+            return self._logits(params, task)
+        finally:
+            self.model.train()
+
+    def _logits(self, params: Params, task: Task) -> torch.Tensor:
+        return prototype_logits(self._embed(params, task.support_x), task.support_y,
+                                self._embed(params, task.query_x))
+
+    def _embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (x,), strict=False)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])

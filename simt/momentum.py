@@ -1,0 +1,70 @@
+"""SiMT's momentum target and distillation loss (Tack et al., NeurIPS 2022, Sec. 3).
+
+The target θ_m is an exponential moving average of the meta-model θ, updated after every outer step
+(paper eq. 3): θ_m <- η·θ_m + (1-η)·θ. Adapted to each task, it provides soft targets that the adapted
+student is distilled towards (eq. 4): L = (1-λ)·L_task + λ·D(student, teacher). It is just another params
+dict, so one implementation serves every learner.
+"""
+import torch
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) || softmax(student/T)), averaged over query samples (rows).
+
+    The T² factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+    """
+    log_student = F.log_softmax(student_logits / temp, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temp, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True)
+    return kl * temp**2 / student_logits.shape[0]
+
+
+def distillation_mse(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, temp: float) -> torch.Tensor:
+    """Regression: the mean squared difference to the teacher's predictions (temperature unused)."""
+    return F.mse_loss(student_outputs, teacher_outputs)
+
+
+DISTILLATIONS = {"kl": distillation_kl, "mse": distillation_mse}
+
+
+class MomentumTarget:
+    """The EMA target. `params` holds the averaged entries of θ plus the target's own buffers.
+
+    Args:
+        student: θ at step 0 (the target starts as an exact copy and never requires grad).
+        keys: which entries of θ are averaged (the learner's `momentum_keys`).
+        buffers: state the target keeps for itself (ProtoNet's BN running statistics), copied once.
+        eta: η, the momentum; 0 copies the student every step, 1 freezes the target.
+        lam: λ, the weight of the distillation term in the outer loss.
+        temp: T, the distillation temperature (classification).
+        distillation: "kl" (classification) or "mse" (regression).
+    """
+
+    def __init__(self, student: Params, keys: list[str], buffers: Params, eta: float, lam: float,
+                 temp: float, distillation: str = "kl"):
+        self.keys, self.eta, self.lam, self.temp = list(keys), eta, lam, temp
+        self.distill = DISTILLATIONS[distillation]
+        self.params: Params = {k: student[k].detach().clone() for k in self.keys}
+        self.params.update({k: v.detach().clone() for k, v in buffers.items()})
+
+    @torch.no_grad()
+    def update(self, student: Params) -> None:
+        """θ_m <- η·θ_m + (1-η)·θ; call right after optimizer.step()."""
+        for key in self.keys:
+            self.params[key].mul_(self.eta).add_(student[key].detach(), alpha=1.0 - self.eta)
+
+    def loss(self, task_loss: torch.Tensor, student_out: torch.Tensor,
+             teacher_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1-λ)·L_task + λ·D(student, teacher); returns (total, D) so D can be logged."""
+        distill = self.distill(student_out, teacher_out.detach(), self.temp)
+        return (1.0 - self.lam) * task_loss + self.lam * distill, distill
+
+    def state_dict(self) -> Params:
+        return {k: v.clone() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: Params) -> None:
+        for key, value in state.items():
+            self.params[key].copy_(value)

@@ -1,0 +1,285 @@
+"""The one construction site: validate the composed config, build every object from it, run.
+
+Nothing else in the package reads the config; everything else takes plain objects and numbers.
+"""
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from simt import checkpoint
+from simt.data import FewShotDataset
+from simt.data.tasks import TaskSampler, fixed_episodes
+from simt.evaluator import accuracy, evaluate, summarize
+from simt.momentum import MomentumTarget
+from simt.trainer import NonFiniteLossError, Trainer
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("algo", "backbone", "dataset", "simt", "trainer", "experiment")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and what was expected."""
+
+    def __init__(self, key: str, value, expected: str):
+        super().__init__(f"{key}={value!r}: expected {expected}")
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key -> (check, what was expected). Keys absent from the config (e.g. inner_lr for ProtoNet) are skipped.
+RULES = {
+    "seed": (_is_int, "an integer"),
+    "mode": (lambda v: v in ("train", "eval"), "one of train, eval"),
+    "simt.enabled": (lambda v: isinstance(v, bool), "true or false"),
+    "simt.eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "simt.lam": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "simt.drop_p": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "simt.temp": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "task.ways": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "task.shots": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "task.queries": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "task.meta_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "algo.inner_lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "algo.inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "algo.eval_inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "algo.train_ways": (lambda v: v is None or (_is_int(v) and v >= 2), "null or an integer >= 2"),
+    "backbone.hidden": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "trainer.eval_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.checkpoint_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.val_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
+    "trainer.eval_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
+    "trainer.episode_seed": (_is_int, "an integer"),
+    "trainer.resume": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
+                       "auto, cpu, cuda or cuda:N"),
+    "trainer.threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "trainer.progress": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value before any work starts; raise ConfigError on the first bad one."""
+    for key, (ok, expected) in RULES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value != "<absent>" and not ok(value):
+            raise ConfigError(key, value, expected)
+    if cfg.mode == "eval" and not cfg.checkpoint:
+        raise ConfigError("checkpoint", cfg.checkpoint, "a run directory or checkpoint file when mode=eval")
+    learner_cls = get_class(cfg.algo._target_)
+    train_ways = cfg.algo.get("train_ways") or cfg.task.ways
+    if not learner_cls.embedding_model and train_ways != cfg.task.ways:
+        raise ConfigError("algo.train_ways", train_ways,
+                          f"null or task.ways={cfg.task.ways} (the linear head has one output per way)")
+    # Embedded data sets declare their size, so task shapes are checked before anything is built.
+    if "split_classes" in cfg.dataset:
+        _check_task_fits(cfg, dict(cfg.dataset.split_classes), cfg.dataset.instances)
+
+
+def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: int) -> None:
+    train_ways = cfg.algo.get("train_ways") or cfg.task.ways
+    for split, classes in split_classes.items():
+        ways, key = (train_ways, "algo.train_ways" if cfg.algo.get("train_ways") else "task.ways") \
+            if split == "train" else (cfg.task.ways, "task.ways")
+        if ways > classes:
+            raise ConfigError(key, ways, f"at most {classes} (classes in the {split} split of "
+                                         f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]})")
+    if cfg.task.shots + cfg.task.queries > instances:
+        raise ConfigError("task.shots+task.queries", cfg.task.shots + cfg.task.queries,
+                          f"at most {instances} (images per class in the dataset)")
+
+
+def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject `group=option` overrides naming an option that does not exist, in one line.
+
+    Hydra's own message spans several lines; this runs before Hydra and covers plain values and
+    comma-separated sweeps (`algo=maml,anil`). Sweep functions such as choice(...) are left to Hydra.
+    """
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS or "(" in value or "$" in value:
+            continue
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options:
+                raise ConfigError(key, option, f"one of {', '.join(options)}")
+
+
+# -- construction ----------------------------------------------------------------------------------
+
+@dataclass
+class Experiment:
+    dataset: FewShotDataset
+    learner: object
+    target: MomentumTarget | None
+    device: torch.device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", name, "auto or cpu (no CUDA device is available)")
+    return torch.device(name)
+
+
+def build(cfg: DictConfig) -> Experiment:
+    """Data, model, learner and (when SiMT is on) the momentum target, from a validated config."""
+    device = pick_device(cfg.trainer.device)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    dataset: FewShotDataset = instantiate(cfg.dataset)
+    _check_task_fits(cfg, {name: split.shape[0] for name, split in dataset.splits.items()},
+                     min(split.shape[1] for split in dataset.splits.values()))
+    torch.manual_seed(cfg.seed)  # initial weights
+    learner_cls = get_class(cfg.algo._target_)
+    model = instantiate(
+        cfg.backbone, in_channels=dataset.channels, image_size=dataset.image_size,
+        out_features=None if learner_cls.embedding_model else cfg.task.ways,
+        drop_p=cfg.simt.drop_p if cfg.simt.enabled else 0.0,
+        transductive_bn=not learner_cls.embedding_model,
+    ).to(device)
+    learner = instantiate(cfg.algo, model=model)
+    target = None
+    if cfg.simt.enabled:
+        target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
+                                eta=cfg.simt.eta, lam=cfg.simt.lam, temp=cfg.simt.temp)
+    return Experiment(dataset, learner, target, device)
+
+
+def _models(exp: Experiment) -> dict:
+    """The networks evaluated: the student always, the momentum target when SiMT is on."""
+    models = {"student": exp.learner.meta_parameters()}
+    if exp.target is not None:
+        models["target"] = exp.target.params
+    return models
+
+
+def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
+    task = cfg.task
+    return fixed_episodes(exp.dataset.split(split), task.ways, task.shots, task.queries, count,
+                          seed=cfg.trainer.episode_seed)
+
+
+def _progress(cfg: DictConfig) -> bool:
+    return sys.stderr.isatty() if cfg.trainer.progress == "auto" else bool(cfg.trainer.progress)
+
+
+def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
+    """Load `weights` (a best.pt payload) and score student and target on the fixed test episodes."""
+    exp.learner.load_state_dict(weights["learner"])
+    if exp.target is not None:
+        exp.target.load_state_dict(weights["target"])
+    scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "test", cfg.trainer.eval_tasks),
+                      exp.device, total=cfg.trainer.eval_tasks, desc="test", progress=_progress(cfg))
+    reported = "target" if exp.target is not None else "student"
+    summary = summarize(scores)
+    return {"test/acc": summary[f"{reported}/acc"], "test/acc_ci95": summary[f"{reported}/acc_ci95"],
+            **{f"test/{k}": v for k, v in summary.items()}, "reported_model": reported,
+            "test_episodes": scores}
+
+
+# -- entry points ----------------------------------------------------------------------------------
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Train (or evaluate, mode=eval) one configuration; returns the objective for sweeps."""
+    validate(cfg)
+    if cfg.mode == "eval":
+        return evaluate_saved(cfg, run_dir)
+    started = time.time()
+    run_dir = Path(run_dir)
+    exp = build(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    learner = exp.learner
+    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.trainer.lr)
+    sampler = TaskSampler(exp.dataset.split("train"), cfg.algo.get("train_ways") or cfg.task.ways,
+                          cfg.task.shots, cfg.task.queries, seed=cfg.seed)
+
+    def validate_now(step: int) -> dict[str, float]:
+        scores = evaluate(learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),
+                          exp.device, total=cfg.trainer.val_tasks, desc=f"val@{step}")
+        return {name: sum(values) / len(values) for name, values in scores.items()}
+
+    from torch.utils.tensorboard import SummaryWriter  # deferred: slow import, only needed when training
+
+    last = run_dir / checkpoint.LAST
+    resuming = cfg.trainer.resume and last.is_file()
+    payload = checkpoint.load(last, exp.device) if resuming else None
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=payload["step"] + 1 if payload else None)
+    trainer = Trainer(learner, exp.target, optimizer, sampler, validate_now, run_dir,
+                      steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
+                      eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
+                      device=exp.device, writer=writer, progress=_progress(cfg), config=resolved)
+    if payload:
+        trainer.resume(payload)
+        log.info("resumed from %s at step %d", last, payload["step"])
+    elif cfg.trainer.resume:
+        log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
+    log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
+             " + SiMT" if exp.target is not None else "", exp.device, trainer.state.step + 1, cfg.trainer.steps,
+             run_dir)
+    try:
+        state = trainer.fit()
+    finally:
+        writer.close()
+    test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST, exp.device))
+    results = {**{k: v for k, v in test.items() if k != "test_episodes"},
+               "val/best": state.best_value, "val/best_step": state.best_step, "val/history": state.history,
+               "objective": state.best_value, "steps": state.step, "wall_time_s": time.time() - started,
+               "config": resolved, "test_episodes": test["test_episodes"]}
+    _write_json(results, run_dir / "results.json")
+    log.info("test %s acc %.2f ± %.2f (student %.2f, %d episodes); results in %s", test["reported_model"],
+             test["test/acc"], test["test/acc_ci95"], test["test/student/acc"], cfg.trainer.eval_tasks,
+             run_dir / "results.json")
+    return float(state.best_value)
+
+
+def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
+    """mode=eval: rebuild a saved run from its own config, score its best weights on the test episodes
+    (trainer.eval_tasks, trainer.episode_seed and trainer.device come from the command line)."""
+    path = Path(cfg.checkpoint)
+    path = path / checkpoint.BEST if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError("checkpoint", str(cfg.checkpoint), "a run directory containing best.pt, or a .pt file")
+    saved = checkpoint.load(path)
+    config = saved.get("config")
+    if not config:
+        raise ConfigError("checkpoint", str(path), "a checkpoint written by this tool (no config found beside it)")
+    saved_cfg = OmegaConf.create(config)
+    saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress")})
+    exp = build(saved_cfg)
+    test = _test(saved_cfg, exp, saved)
+    _write_json({**test, "checkpoint": str(path)}, Path(run_dir) / "eval_results.json")
+    log.info("test %s acc %.2f ± %.2f over %d episodes", test["reported_model"], test["test/acc"],
+             test["test/acc_ci95"], saved_cfg.trainer.eval_tasks)
+    return float(test["test/acc"])
+
+
+def _write_json(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+__all__ = ["ConfigError", "NonFiniteLossError", "build", "check_group_overrides", "run", "validate"]

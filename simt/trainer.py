@@ -1,0 +1,160 @@
+"""The outer loop: sample, loss, step, momentum update, log, validate, checkpoint."""
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from simt import checkpoint
+from simt.data.tasks import TaskSampler
+from simt.evaluator import accuracy
+from simt.momentum import MomentumTarget
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
+                    metric: Callable = accuracy) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over tasks of the outer loss: L_task, or SiMT's (1-λ)·L_task + λ·D when a target is given.
+
+    Returns the loss (with its graph) and plain-number statistics for logging.
+    """
+    theta = learner.meta_parameters()
+    total = 0.0
+    stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.__name__: 0.0}
+    for task in tasks:
+        student_out = learner.student_outputs(theta, task)
+        task_loss = learner.task_loss(student_out, task.query_y)
+        loss = task_loss
+        if target is not None:
+            loss, distill = target.loss(task_loss, student_out, learner.teacher_outputs(target.params, task))
+            stats["distill_loss"] += distill.item() / len(tasks)
+        total = total + loss / len(tasks)
+        stats["task_loss"] += task_loss.item() / len(tasks)
+        stats[metric.__name__] += metric(student_out.detach(), task.query_y) / len(tasks)
+    return total, stats
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)  # one dict of validation metrics per evaluation
+
+
+class Trainer:
+    """Runs `steps` outer steps. `validate()` returns {"student": v, "target": v} on the fixed validation
+    episodes; `selects` names which of them chooses the best checkpoint (the target when SiMT is on)."""
+
+    def __init__(self, learner, target: MomentumTarget | None, optimizer: torch.optim.Optimizer,
+                 sampler: TaskSampler, validate: Callable[[int], dict[str, float]], run_dir: Path,
+                 steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
+                 device: torch.device, metric: Callable = accuracy, higher_is_better: bool = True,
+                 writer=None, progress: bool = False, config: dict | None = None):
+        self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
+        self.validate, self.run_dir, self.writer, self.progress = validate, Path(run_dir), writer, progress
+        self.steps, self.meta_batch_size, self.device = steps, meta_batch_size, device
+        self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
+        self.metric, self.higher_is_better, self.config = metric, higher_is_better, config or {}
+        self.selects = "target" if target is not None else "student"
+        self.state = TrainState()
+        self._stop_signal: int | None = None
+
+    def fit(self) -> TrainState:
+        previous = signal.signal(signal.SIGTERM, self._request_stop)  # cluster preemption: save, then exit
+        bar = tqdm(total=self.steps, initial=self.state.step, desc="train", disable=not self.progress)
+        try:
+            for step in range(self.state.step + 1, self.steps + 1):
+                started = time.perf_counter()
+                tasks = [self.sampler.sample().to(self.device) for _ in range(self.meta_batch_size)]
+                loss, stats = meta_batch_loss(self.learner, self.target, tasks, self.metric)
+                if not torch.isfinite(loss):  # stop before the step: the last good checkpoint stays intact
+                    raise NonFiniteLossError(f"non-finite outer loss ({loss.item()}) at step {step}; "
+                                             f"last checkpoint kept at step {self.state.step}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.target is not None:
+                    self.target.update(self.learner.meta_parameters())  # θ_m <- η·θ_m + (1-η)·θ
+                self.state.step = step
+                self._log(step, {"loss": loss.item(), **stats, "step_time_s": time.perf_counter() - started})
+                if step % self.eval_every == 0 or step == self.steps:
+                    self._validate(step)
+                if step % self.checkpoint_every == 0 or step == self.steps or self._stop_signal:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", best=self.state.best_value)
+                if self._stop_signal:
+                    log.warning("signal %d: checkpoint saved at step %d, exiting", self._stop_signal, step)
+                    raise SystemExit(128 + self._stop_signal)
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+        return self.state
+
+    def _validate(self, step: int) -> None:
+        metrics = self.validate(step)
+        self.state.history.append({"step": step, **metrics})
+        self._log(step, {f"val_{name}": value for name, value in metrics.items()})
+        value = metrics[self.selects]
+        best = self.state.best_value
+        if best is None or (value > best if self.higher_is_better else value < best):
+            self.state.best_value, self.state.best_step = value, step
+            checkpoint.save_atomic({"step": step, "value": value, **self._weights(), "config": self.config},
+                                   self.run_dir / checkpoint.BEST)
+        log.info("step %d  val %s  (best %.3f at step %d)", step,
+                 "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()), self.state.best_value, self.state.best_step)
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name.replace("_", "/", 1) if name.startswith("val_") else f"train/{name}",
+                                       value, step)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _weights(self) -> dict:
+        return {"learner": self.learner.state_dict(),
+                "target": self.target.state_dict() if self.target is not None else None}
+
+    def save(self) -> None:
+        state = self.state
+        checkpoint.save_atomic({
+            **self._weights(),
+            "step": state.step, "best_value": state.best_value, "best_step": state.best_step,
+            "history": state.history, "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": _rng_states(), "config": self.config,
+        }, self.run_dir / checkpoint.LAST)
+
+    def resume(self, payload: dict) -> None:
+        self.learner.load_state_dict(payload["learner"])
+        if self.target is not None:
+            self.target.load_state_dict(payload["target"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.sampler.load_state_dict(payload["sampler"])
+        _set_rng_states(payload["rng"])
+        self.state = TrainState(payload["step"], payload["best_value"], payload["best_step"], payload["history"])
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,92 @@
+"""Every config option composes and builds; bad values fail before any work with one line."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from simt import pipeline
+from tests.conftest import FAST, ROOT, make_cfg, run_cli
+
+OPTIONS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in pipeline.GROUPS}
+
+
+def test_groups_have_the_documented_options():
+    assert OPTIONS["algo"] == ["anil", "fomaml", "maml", "metasgd", "protonet"]
+    assert {"kanji", "synthetic"} <= set(OPTIONS["dataset"])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts if g != "dataset"])
+def test_every_option_composes_and_builds(group, option):
+    cfg = make_cfg(*FAST, f"{group}={option}", *(FAST[1:3] if group == "trainer" else []))
+    pipeline.validate(cfg)
+    exp = pipeline.build(cfg)
+    assert exp.learner.meta_parameters()
+    assert (exp.target is not None) == cfg.simt.enabled
+
+
+def test_every_dataset_option_composes():
+    for option in OPTIONS["dataset"]:
+        cfg = make_cfg(f"dataset={option}")
+        pipeline.validate(cfg)
+        assert cfg.dataset._target_
+
+
+@pytest.mark.parametrize("algo,keys", [
+    ("fomaml", {"first_order": True}), ("anil", {"adapt": "head"}),
+    ("metasgd", {"lr_shape": "element"}), ("protonet", {"train_ways": 20}),
+])
+def test_algorithm_variants_set_their_keys(algo, keys):
+    cfg = make_cfg(f"algo={algo}")
+    assert {k: cfg.algo[k] for k in keys} == keys
+
+
+def test_simt_defaults_are_the_papers():
+    cfg = make_cfg()
+    assert (cfg.simt.enabled, cfg.simt.eta, cfg.simt.lam, cfg.simt.temp) == (True, 0.995, 0.5, 4.0)
+
+
+def test_protonet_gets_an_embedding_backbone_with_running_stats():
+    exp = pipeline.build(make_cfg(*FAST, "algo=protonet"))
+    assert exp.learner.model.classifier is None
+    assert any("running_mean" in name for name, _ in exp.learner.model.named_buffers())
+    assert "features.layer1.norm.running_mean" in exp.target.params
+
+
+def test_dropout_only_with_simt():
+    with_simt = pipeline.build(make_cfg(*FAST, "simt.drop_p=0.2")).learner.model
+    baseline = pipeline.build(make_cfg(*FAST, "simt.drop_p=0.2", "simt.enabled=false")).learner.model
+    assert any(isinstance(m, torch.nn.Dropout) for m in with_simt.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in baseline.modules())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("simt.eta=1.5", "simt.eta=1.5: expected a number in [0, 1]"),
+    ("simt.lam=-1", "simt.lam=-1: expected a number in [0, 1]"),
+    ("simt.drop_p=1", "simt.drop_p=1: expected a number in [0, 1)"),
+    ("simt.temp=0", "simt.temp=0: expected a number > 0"),
+    ("task.ways=9", "task.ways=9: expected at most 8 (classes in the val split of dataset synthetic)"),
+    ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images per class in the dataset)"),
+    ("trainer.steps=0", "trainer.steps=0: expected an integer >= 1"),
+    ("trainer.device=tpu", "trainer.device='tpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_invalid_values_give_one_line_errors(override, message):
+    with pytest.raises(pipeline.ConfigError) as error:
+        pipeline.validate(make_cfg(*FAST, override))
+    assert str(error.value) == message
+
+
+def test_protonet_train_ways_must_fit_the_train_split():
+    with pytest.raises(pipeline.ConfigError, match=r"algo.train_ways=20: expected at most 8 \(classes in the"):
+        pipeline.validate(make_cfg("dataset=synthetic", "algo=protonet", "dataset.split_classes.train=8"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["simt.eta=1.5"], "error: simt.eta=1.5: expected a number in [0, 1]"),
+    (["algo=nope"], "error: algo='nope': expected one of anil, fomaml, maml, metasgd, protonet"),
+    (["-m", "algo=maml,nope"], "error: algo='nope': expected one of anil, fomaml, maml, metasgd, protonet"),
+])
+def test_cli_errors_are_one_line_without_traceback(args, message, tmp_path):
+    result = run_cli(*FAST, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", *args)
+    assert result.returncode != 0
+    assert result.stderr.strip() == message
+    assert not (Path(tmp_path) / "last.pt").exists()

@@ -1,0 +1,87 @@
+"""Evaluation statistics and fixed episodes; ProtoNet geometry; task sampling."""
+import math
+
+import pytest
+import torch
+
+from simt.algorithms.protonet import prototype_logits, prototypes
+from simt.data.tasks import TaskSampler, fixed_episodes
+from simt.evaluator import accuracy, mean_ci95, summarize
+
+
+def test_ci_formula_on_known_numbers():
+    mean, ci = mean_ci95([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    # sample std of 1..4 is sqrt(5/3); 1.96 * sqrt(5/3) / sqrt(4)
+    assert ci == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    assert mean_ci95([7.0, 7.0, 7.0]) == (7.0, 0.0)
+    with pytest.raises(ValueError, match="at least 2 episodes"):
+        mean_ci95([1.0])
+
+
+def test_summarize_names_model_and_metric():
+    summary = summarize({"student": [50.0, 70.0], "target": [60.0, 60.0]})
+    assert summary["student/acc"] == 60.0 and summary["target/acc_ci95"] == 0.0
+    assert set(summary) == {"student/acc", "student/acc_ci95", "target/acc", "target/acc_ci95"}
+
+
+def test_accuracy_in_percent():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0], [0.0, 1.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1, 1])) == 75.0
+
+
+def _images(classes=10, instances=8, size=4):
+    return torch.randint(0, 256, (classes, instances, 1, size, size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def test_same_seed_same_episodes_and_different_seed_different():
+    images = _images()
+    first = list(fixed_episodes(images, 5, 1, 3, count=4, seed=7))
+    again = list(fixed_episodes(images, 5, 1, 3, count=4, seed=7))
+    other = list(fixed_episodes(images, 5, 1, 3, count=4, seed=8))
+    assert all(torch.equal(a.query_x, b.query_x) and torch.equal(a.support_x, b.support_x)
+               for a, b in zip(first, again))
+    assert not all(torch.equal(a.query_x, b.query_x) for a, b in zip(first, other))
+
+
+def test_task_shapes_labels_and_disjoint_support_query():
+    images = torch.arange(10 * 8, dtype=torch.uint8).view(10, 8, 1, 1, 1).expand(10, 8, 1, 4, 4).contiguous()
+    task = TaskSampler(images, ways=5, shots=2, queries=3, seed=0).sample()
+    assert task.support_x.shape == (10, 1, 4, 4) and task.query_x.shape == (15, 1, 4, 4)
+    assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert 0.0 <= task.support_x.min() and task.support_x.max() <= 1.0
+    ids = lambda x: set((x[:, 0, 0, 0] * 255).round().long().tolist())  # noqa: E731  image id = class*8+instance
+    assert not ids(task.support_x) & ids(task.query_x)
+    # every image of a way comes from one class
+    for way in range(5):
+        classes = {i // 8 for i in ids(task.support_x[task.support_y == way]) | ids(task.query_x[task.query_y == way])}
+        assert len(classes) == 1
+
+
+def test_sampler_state_round_trip():
+    images = _images()
+    sampler = TaskSampler(images, 5, 1, 3, seed=0)
+    sampler.sample()
+    state = sampler.state_dict()
+    expected = sampler.sample()
+    sampler.load_state_dict(state)
+    assert torch.equal(sampler.sample().query_x, expected.query_x)
+
+
+def test_sampler_rejects_impossible_tasks():
+    with pytest.raises(ValueError, match="task.ways=11: the split has only 10 classes"):
+        TaskSampler(_images(), 11, 1, 3, seed=0)
+    with pytest.raises(ValueError, match="task.shots\\+task.queries=9"):
+        TaskSampler(_images(), 5, 1, 8, seed=0)
+
+
+def test_prototypes_are_class_means_and_logits_have_shape_queries_by_ways():
+    support = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, 0.0], [12.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(prototypes(support, labels, 2), torch.tensor([[1.0, 1.0], [11.0, 0.0]]))
+    query = torch.tensor([[1.0, 1.0], [11.0, 0.0], [5.0, 0.0]])
+    logits = prototype_logits(support, labels, query)
+    assert logits.shape == (3, 2)
+    torch.testing.assert_close(logits[0], torch.tensor([0.0, -101.0]))
+    assert logits.argmax(1).tolist() == [0, 1, 0]

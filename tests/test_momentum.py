@@ -1,0 +1,106 @@
+"""SiMT's momentum target and distillation loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simt.momentum import MomentumTarget, distillation_kl, distillation_mse
+from simt.trainer import meta_batch_loss
+from tests.conftest import FAST, make_cfg
+from simt import pipeline
+
+
+def _student():
+    torch.manual_seed(0)
+    return {"w": torch.randn(3, 4, requires_grad=True), "b": torch.randn(3, requires_grad=True)}
+
+
+def test_target_starts_equal_and_never_requires_grad():
+    student = _student()
+    target = MomentumTarget(student, ["w", "b"], {}, eta=0.9, lam=0.5, temp=4.0)
+    for key in student:
+        assert torch.equal(target.params[key], student[key])
+        assert not target.params[key].requires_grad
+        assert target.params[key].data_ptr() != student[key].data_ptr()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.995, 1.0])
+def test_ema_formula(eta):
+    student = _student()
+    target = MomentumTarget(student, ["w", "b"], {}, eta=eta, lam=0.5, temp=4.0)
+    before = {k: v.clone() for k, v in target.params.items()}
+    with torch.no_grad():
+        for value in student.values():
+            value.add_(1.0)
+    target.update(student)
+    for key in student:
+        expected = eta * before[key] + (1 - eta) * student[key].detach()
+        torch.testing.assert_close(target.params[key], expected, rtol=0, atol=1e-6)
+    if eta == 0.0:
+        assert all(torch.equal(target.params[k], student[k].detach()) for k in student)
+    if eta == 1.0:
+        assert all(torch.equal(target.params[k], before[k]) for k in student)
+
+
+def test_only_listed_keys_are_averaged_and_buffers_are_kept():
+    student = _student()
+    buffers = {"running_mean": torch.zeros(3)}
+    target = MomentumTarget(student, ["w"], buffers, eta=0.0, lam=0.5, temp=4.0)
+    assert set(target.params) == {"w", "running_mean"}
+    with torch.no_grad():
+        student["w"].add_(1.0)
+    target.update(student)
+    assert torch.equal(target.params["w"], student["w"].detach())
+    assert torch.equal(target.params["running_mean"], torch.zeros(3))
+
+
+def test_kl_is_zero_for_equal_logits_and_scales_with_t_squared():
+    logits = torch.randn(10, 5)
+    assert distillation_kl(logits, logits.clone(), temp=4.0).abs().item() < 1e-6
+    student, teacher = torch.randn(10, 5), torch.randn(10, 5)
+    for temp in (1.0, 2.0, 4.0):
+        reference = F.kl_div(F.log_softmax(student / temp, 1), F.softmax(teacher / temp, 1),
+                             reduction="batchmean")
+        torch.testing.assert_close(distillation_kl(student, teacher, temp), reference * temp**2)
+
+
+def test_mse_distillation():
+    a, b = torch.randn(6, 2), torch.randn(6, 2)
+    torch.testing.assert_close(distillation_mse(a, b, 4.0), ((a - b) ** 2).mean())
+
+
+def test_distillation_gradient_reaches_the_student_only():
+    student = _student()
+    target = MomentumTarget(student, ["w", "b"], {}, eta=0.9, lam=1.0, temp=4.0)
+    x = torch.randn(7, 4)
+    teacher_params = {k: v.clone().requires_grad_() for k, v in target.params.items()}
+    student_out = x @ student["w"].T + student["b"]
+    teacher_out = x @ teacher_params["w"].T + teacher_params["b"]
+    total, distill = target.loss(torch.tensor(0.0), student_out, teacher_out + 1.0)
+    total.backward()
+    assert student["w"].grad is not None and student["w"].grad.abs().sum() > 0
+    assert teacher_params["w"].grad is None
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_simt_disabled_gives_exactly_the_baseline_loss(algo):
+    cfg = make_cfg(*FAST, f"algo={algo}", "simt.enabled=false")
+    exp = pipeline.build(cfg)
+    assert exp.target is None
+    sampler = pipeline.TaskSampler(exp.dataset.split("train"), cfg.algo.get("train_ways") or 5, 1, 3, seed=0)
+    tasks = [sampler.sample() for _ in range(2)]
+    torch.manual_seed(0)
+    loss, stats = meta_batch_loss(exp.learner, None, tasks)
+    torch.manual_seed(0)
+    theta = exp.learner.meta_parameters()
+    manual = sum(exp.learner.task_loss(exp.learner.student_outputs(theta, t), t.query_y) for t in tasks) / 2
+    assert torch.equal(loss, manual)
+    assert stats["distill_loss"] == 0.0
+
+
+def test_simt_loss_mixes_task_and_distillation():
+    cfg = make_cfg(*FAST, "simt.lam=0.25")
+    exp = pipeline.build(cfg)
+    task = pipeline.TaskSampler(exp.dataset.split("train"), 5, 1, 3, seed=0).sample()
+    loss, stats = meta_batch_loss(exp.learner, exp.target, [task])
+    assert loss.item() == pytest.approx(0.75 * stats["task_loss"] + 0.25 * stats["distill_loss"], rel=1e-5)
+    assert stats["distill_loss"] >= 0.0

@@ -1,0 +1,152 @@
+"""End to end: short runs, results.json, checkpoints, exact resume, preemption, failures, mode=eval."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simt import checkpoint, pipeline, trainer
+from tests.conftest import FAST, ROOT, fast, make_cfg, run_cli
+
+ALGOS = ["maml", "fomaml", "anil", "metasgd", "protonet"]
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    left, right = checkpoint.load(a), checkpoint.load(b)
+    assert left["step"] == right["step"]
+    for part in ("learner", "target", "optimizer", "sampler", "rng"):
+        if part not in left and part not in right:  # best.pt holds weights only
+            continue
+        flat_l, flat_r = _flatten(left[part]), _flatten(right[part])
+        assert flat_l.keys() == flat_r.keys()
+        for key in flat_l:
+            assert torch.equal(flat_l[key], flat_r[key]), f"{part}:{key} differs"
+
+
+def _flatten(tree, prefix="") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flatten(sub, f"{prefix}{i}/").items()}
+    return {prefix: tree} if isinstance(tree, torch.Tensor) else {prefix: torch.tensor(float(tree or 0))}
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    for key in ("test/acc", "test/acc_ci95", "test/student/acc", "val/best", "val/best_step", "test_episodes"):
+        assert a.get(key) == b.get(key), key
+
+
+@pytest.mark.parametrize("simt", [True, False])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_short_run_writes_results_and_checkpoints(algo, simt, tmp_path):
+    cfg = make_cfg(*fast(f"algo={algo}", f"simt.enabled={simt}", "simt.drop_p=0.1"))
+    objective = pipeline.run(cfg, tmp_path)
+    results = _results(tmp_path)
+    assert math.isfinite(objective) and objective == results["val/best"]
+    assert results["reported_model"] == ("target" if simt else "student")
+    for key in ("test/acc", "test/acc_ci95", "test/student/acc", "test/student/acc_ci95", "wall_time_s"):
+        assert math.isfinite(results[key]), key
+    assert ("test/target/acc" in results) == simt
+    assert len(results["test_episodes"]["student"]) == cfg.trainer.eval_tasks
+    assert results["config"]["algo"]["_target_"] == cfg.algo._target_
+    assert {"last.pt", "best.pt"} <= {p.name for p in tmp_path.iterdir()}
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_training_beats_chance(tmp_path):
+    # η=0.9 so the target catches up within 30 steps (at 0.995 it would still be near initialisation).
+    cfg = make_cfg(*fast("trainer.steps=30", "trainer.eval_every=10", "trainer.eval_tasks=40", "simt.eta=0.9"))
+    pipeline.run(cfg, tmp_path)
+    results = _results(tmp_path)
+    assert results["test/student/acc"] > 40.0 and results["test/target/acc"] > 40.0  # 5-way chance: 20%
+
+
+def test_extending_a_finished_run_equals_an_uninterrupted_run(tmp_path):
+    common = fast("algo=metasgd", "trainer.eval_every=5", "trainer.checkpoint_every=5", "simt.drop_p=0.2")
+    pipeline.run(make_cfg(*common, "trainer.steps=20"), tmp_path / "full")
+    pipeline.run(make_cfg(*common, "trainer.steps=10"), tmp_path / "split")
+    pipeline.run(make_cfg(*common, "trainer.steps=20", "trainer.resume=true"), tmp_path / "split")
+    _assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
+    _assert_same_weights(tmp_path / "full" / "best.pt", tmp_path / "split" / "best.pt")
+    _same_metrics(_results(tmp_path / "full"), _results(tmp_path / "split"))
+
+
+def _start(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={run_dir}", *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, f"run ended early: {process.stderr.read()}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    args = fast("trainer.steps=40", "trainer.eval_every=20", "trainer.checkpoint_every=5", "simt.drop_p=0.2")
+    assert run_cli(f"hydra.run.dir={tmp_path / 'full'}", *args).returncode == 0
+    killed = _start(tmp_path / "killed", *args)
+    _wait_for(lambda: (tmp_path / "killed" / "last.pt").exists(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    interrupted_at = checkpoint.load(tmp_path / "killed" / "last.pt")["step"]
+    assert 0 < interrupted_at < 40
+    resumed = run_cli(f"hydra.run.dir={tmp_path / 'killed'}", *args, "trainer.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "killed" / "last.pt")
+    _same_metrics(_results(tmp_path / "full"), _results(tmp_path / "killed"))
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    run = _start(tmp_path, *fast("trainer.steps=100000", "trainer.checkpoint_every=100000",
+                                 "trainer.eval_every=100000"))
+    log_file = tmp_path / "run.log"
+    _wait_for(lambda: log_file.exists() and "training" in log_file.read_text(), run)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert 0 < checkpoint.load(tmp_path / "last.pt")["step"] < 100000
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real, calls = trainer.meta_batch_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), stats
+
+    monkeypatch.setattr(trainer, "meta_batch_loss", poisoned)
+    with pytest.raises(trainer.NonFiniteLossError, match="non-finite outer loss .* at step 3; last checkpoint kept at step 2"):
+        pipeline.run(make_cfg(*fast("trainer.checkpoint_every=2", "trainer.steps=6")), tmp_path)
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == 2
+
+
+def test_mode_eval_reproduces_the_test_score(tmp_path):
+    pipeline.run(make_cfg(*fast()), tmp_path / "run")
+    score = pipeline.run(make_cfg(*fast("mode=eval", f"checkpoint={tmp_path / 'run'}")), tmp_path / "eval")
+    assert score == _results(tmp_path / "run")["test/acc"]
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["test/acc"] == score
+
+
+def test_mode_eval_without_a_checkpoint_is_a_config_error(tmp_path):
+    with pytest.raises(pipeline.ConfigError, match="checkpoint="):
+        pipeline.run(make_cfg(*FAST, "mode=eval", f"checkpoint={tmp_path / 'missing'}"), tmp_path)
+
+
+def test_a_torn_checkpoint_is_reported_with_its_path(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'last.pt'}: unreadable"):
+        checkpoint.load(tmp_path / "last.pt")
