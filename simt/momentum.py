@@ -8,7 +8,7 @@ dict, so one implementation serves every learner.
 import torch
 import torch.nn.functional as F
 
-Params = dict[str, torch.Tensor]
+from simt.algorithms.inner_loop import Params
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:

@@ -16,11 +16,14 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from simt import checkpoint
+from simt.algorithms.maml import ADAPT_SCOPES
+from simt.algorithms.metasgd import LR_SHAPES
+from simt.checkpoint import CheckpointError
 from simt.data import FewShotDataset
 from simt.data.tasks import TaskSampler, fixed_episodes
-from simt.evaluator import accuracy, evaluate, summarize
+from simt.evaluator import evaluate, summarize
 from simt.momentum import MomentumTarget
-from simt.trainer import NonFiniteLossError, Trainer
+from simt.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -61,6 +64,11 @@ RULES = {
     "algo.inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "algo.eval_inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "algo.train_ways": (lambda v: v is None or (_is_int(v) and v >= 2), "null or an integer >= 2"),
+    "algo.first_order": (lambda v: isinstance(v, bool), "true or false"),
+    "algo.adapt_scope": (lambda v: v in ADAPT_SCOPES, f"one of {', '.join(ADAPT_SCOPES)}"),
+    "algo.lr_shape": (lambda v: v in LR_SHAPES, f"one of {', '.join(LR_SHAPES)}"),
+    "dataset.instances": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "dataset.image_size": (lambda v: _is_int(v) and v >= 16, "an integer >= 16 (Conv4 max-pools 4 times)"),
     "backbone.hidden": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -77,7 +85,7 @@ RULES = {
 }
 
 
-def validate(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> None:
     """Check every value before any work starts; raise ConfigError on the first bad one."""
     for key, (ok, expected) in RULES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
@@ -85,35 +93,61 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(key, value, expected)
     if cfg.mode == "eval" and not cfg.checkpoint:
         raise ConfigError("checkpoint", cfg.checkpoint, "a run directory or checkpoint file when mode=eval")
-    learner_cls = get_class(cfg.algo._target_)
-    train_ways = cfg.algo.get("train_ways") or cfg.task.ways
-    if not learner_cls.embedding_model and train_ways != cfg.task.ways:
-        raise ConfigError("algo.train_ways", train_ways,
+    if not get_class(cfg.algo._target_).embedding_model and train_ways(cfg) != cfg.task.ways:
+        raise ConfigError("algo.train_ways", train_ways(cfg),
                           f"null or task.ways={cfg.task.ways} (the linear head has one output per way)")
     # Embedded data sets declare their size, so task shapes are checked before anything is built.
     if "split_classes" in cfg.dataset:
+        for split, classes in cfg.dataset.split_classes.items():
+            if not _is_int(classes) or classes < 1:
+                raise ConfigError(f"dataset.split_classes.{split}", classes, "an integer >= 1")
         _check_task_fits(cfg, dict(cfg.dataset.split_classes), cfg.dataset.instances)
 
 
+def train_ways(cfg: DictConfig) -> int:
+    """Ways of training episodes: algo.train_ways (ProtoNet: 20) or task.ways."""
+    return cfg.algo.get("train_ways") or cfg.task.ways
+
+
 def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: int) -> None:
-    train_ways = cfg.algo.get("train_ways") or cfg.task.ways
     for split, classes in split_classes.items():
-        ways, key = (train_ways, "algo.train_ways" if cfg.algo.get("train_ways") else "task.ways") \
+        ways, key = (train_ways(cfg), "algo.train_ways" if cfg.algo.get("train_ways") else "task.ways") \
             if split == "train" else (cfg.task.ways, "task.ways")
         if ways > classes:
             raise ConfigError(key, ways, f"at most {classes} (classes in the {split} split of "
-                                         f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]})")
+                                         f"dataset {cfg.dataset._target_.split('.')[-2]})")
     if cfg.task.shots + cfg.task.queries > instances:
         raise ConfigError("task.shots+task.queries", cfg.task.shots + cfg.task.queries,
                           f"at most {instances} (images per class in the dataset)")
 
 
-def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject `group=option` overrides naming an option that does not exist, in one line.
+def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject bad command-line overrides in one line, before Hydra (whose messages span several lines).
 
-    Hydra's own message spans several lines; this runs before Hydra and covers plain values and
-    comma-separated sweeps (`algo=maml,anil`). Sweep functions such as choice(...) are left to Hydra.
+    Group options are checked for plain values and comma-separated sweeps (`algo=maml,anil`); for a
+    single run the overrides are also composed, so unknown keys and parse errors surface here too.
+    Sweep functions such as choice(...) are left to Hydra.
     """
+    _check_group_options(argv, conf_dir)
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except HydraException as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise OverrideError(" ".join(lines[:2])) from None
+
+
+class OverrideError(ValueError):
+    """A command-line override Hydra cannot apply (unknown key, bad syntax)."""
+
+
+def _check_group_options(argv: list[str], conf_dir: Path) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
@@ -203,38 +237,39 @@ def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train (or evaluate, mode=eval) one configuration; returns the objective for sweeps."""
-    validate(cfg)
+    check_config(cfg)
     if cfg.mode == "eval":
         return evaluate_saved(cfg, run_dir)
-    started = time.time()
-    run_dir = Path(run_dir)
-    exp = build(cfg)
+    started, run_dir = time.time(), Path(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    learner = exp.learner
-    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.trainer.lr)
-    sampler = TaskSampler(exp.dataset.split("train"), cfg.algo.get("train_ways") or cfg.task.ways,
-                          cfg.task.shots, cfg.task.queries, seed=cfg.seed)
+    last = run_dir / checkpoint.LAST
+    payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
+    if payload:
+        _check_same_run(payload["config"], resolved, last)
+    elif cfg.trainer.resume:
+        log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
 
-    def validate_now(step: int) -> dict[str, float]:
-        scores = evaluate(learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),
-                          exp.device, total=cfg.trainer.val_tasks, desc=f"val@{step}")
+    exp = build(cfg)
+    optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=cfg.trainer.lr)
+    sampler = TaskSampler(exp.dataset.split("train"), train_ways(cfg), cfg.task.shots, cfg.task.queries,
+                          seed=cfg.seed)
+
+    def score_validation(step: int) -> dict[str, float]:
+        scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),
+                          exp.device, total=cfg.trainer.val_tasks, desc=f"val@{step}", progress=_progress(cfg))
         return {name: sum(values) / len(values) for name, values in scores.items()}
 
     from torch.utils.tensorboard import SummaryWriter  # deferred: slow import, only needed when training
 
-    last = run_dir / checkpoint.LAST
-    resuming = cfg.trainer.resume and last.is_file()
-    payload = checkpoint.load(last, exp.device) if resuming else None
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=payload["step"] + 1 if payload else None)
-    trainer = Trainer(learner, exp.target, optimizer, sampler, validate_now, run_dir,
+    # purge_step drops events logged after the checkpoint by the interrupted process (or by an earlier
+    # run in this directory), so every curve has exactly one point per step.
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=(payload["step"] if payload else 0) + 1)
+    trainer = Trainer(exp.learner, exp.target, optimizer, sampler, score_validation, run_dir,
                       steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
                       eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
                       device=exp.device, writer=writer, progress=_progress(cfg), config=resolved)
     if payload:
         trainer.resume(payload)
-        log.info("resumed from %s at step %d", last, payload["step"])
-    elif cfg.trainer.resume:
-        log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
              " + SiMT" if exp.target is not None else "", exp.device, trainer.state.step + 1, cfg.trainer.steps,
              run_dir)
@@ -242,7 +277,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         state = trainer.fit()
     finally:
         writer.close()
-    test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST, exp.device))
+
+    test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST))
     results = {**{k: v for k, v in test.items() if k != "test_episodes"},
                "val/best": state.best_value, "val/best_step": state.best_step, "val/history": state.history,
                "objective": state.best_value, "steps": state.step, "wall_time_s": time.time() - started,
@@ -252,6 +288,26 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
              test["test/acc"], test["test/acc_ci95"], test["test/student/acc"], cfg.trainer.eval_tasks,
              run_dir / "results.json")
     return float(state.best_value)
+
+
+# Keys a resumed run may change: how long to train and how to run it, not what is trained.
+RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress",
+                     "trainer.checkpoint_every", "trainer.eval_tasks", "mode", "checkpoint"}
+
+
+def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+    for key, (old, new) in _differences(saved, current).items():
+        if key not in RESUMABLE_CHANGES:
+            raise ConfigError(key, new, f"{old!r} as in the checkpoint {path} it would resume "
+                                        f"(start a new run directory to change it)")
+
+
+def _differences(old, new, prefix: str = "") -> dict:
+    """Flattened key -> (old, new) for every leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: v for key in old.keys() | new.keys()
+                for k, v in _differences(old.get(key), new.get(key), f"{prefix}{key}.").items()}
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
@@ -282,4 +338,5 @@ def _write_json(payload: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ConfigError", "NonFiniteLossError", "build", "check_group_overrides", "run", "validate"]
+__all__ = ["CheckpointError", "ConfigError", "NonFiniteError", "OverrideError", "build", "check_config",
+           "check_overrides", "run", "train_ways"]

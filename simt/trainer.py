@@ -17,8 +17,8 @@ from simt.momentum import MomentumTarget
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """The outer loss or the parameters stopped being finite; nothing non-finite was checkpointed."""
 
 
 def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
@@ -30,16 +30,21 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
     theta = learner.meta_parameters()
     total = 0.0
     stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.__name__: 0.0}
+    if target is not None:
+        stats[f"target_{metric.__name__}"] = 0.0
     for task in tasks:
         student_out = learner.student_outputs(theta, task)
         task_loss = learner.task_loss(student_out, task.query_y)
         loss = task_loss
         if target is not None:
-            loss, distill = target.loss(task_loss, student_out, learner.teacher_outputs(target.params, task))
+            teacher_out = learner.teacher_outputs(target.params, task)
+            loss, distill = target.loss(task_loss, student_out, teacher_out)
             stats["distill_loss"] += distill.item() / len(tasks)
         total = total + loss / len(tasks)
         stats["task_loss"] += task_loss.item() / len(tasks)
         stats[metric.__name__] += metric(student_out.detach(), task.query_y) / len(tasks)
+        if target is not None:
+            stats[f"target_{metric.__name__}"] += metric(teacher_out, task.query_y) / len(tasks)
     return total, stats
 
 
@@ -49,19 +54,26 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # one dict of validation metrics per evaluation
+    saved_step: int | None = None  # step of the last last.pt written
 
 
 class Trainer:
-    """Runs `steps` outer steps. `validate()` returns {"student": v, "target": v} on the fixed validation
-    episodes; `selects` names which of them chooses the best checkpoint (the target when SiMT is on)."""
+    """Runs `steps` outer steps. `score_validation(step)` returns {"student": v, "target": v} on the fixed
+    validation episodes; `selects` names which one chooses the best checkpoint (the target when SiMT is on).
+
+    Only validations at multiples of `eval_every` choose the best checkpoint; the one at the last step (if
+    it is not such a multiple) is logged but does not choose, so extending a finished run later gives
+    exactly the run that would have been trained at the longer length in one go. (A run shorter than
+    `eval_every` has no scheduled validation: its last step chooses.)"""
 
     def __init__(self, learner, target: MomentumTarget | None, optimizer: torch.optim.Optimizer,
-                 sampler: TaskSampler, validate: Callable[[int], dict[str, float]], run_dir: Path,
+                 sampler: TaskSampler, score_validation: Callable[[int], dict[str, float]], run_dir: Path,
                  steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
                  device: torch.device, metric: Callable = accuracy, higher_is_better: bool = True,
                  writer=None, progress: bool = False, config: dict | None = None):
         self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
-        self.validate, self.run_dir, self.writer, self.progress = validate, Path(run_dir), writer, progress
+        self.score_validation, self.run_dir = score_validation, Path(run_dir)
+        self.writer, self.progress = writer, progress
         self.steps, self.meta_batch_size, self.device = steps, meta_batch_size, device
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
         self.metric, self.higher_is_better, self.config = metric, higher_is_better, config or {}
@@ -78,17 +90,18 @@ class Trainer:
                 tasks = [self.sampler.sample().to(self.device) for _ in range(self.meta_batch_size)]
                 loss, stats = meta_batch_loss(self.learner, self.target, tasks, self.metric)
                 if not torch.isfinite(loss):  # stop before the step: the last good checkpoint stays intact
-                    raise NonFiniteLossError(f"non-finite outer loss ({loss.item()}) at step {step}; "
-                                             f"last checkpoint kept at step {self.state.step}")
+                    self._fail(f"non-finite outer loss ({loss.item()}) at step {step}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+                if not all(torch.isfinite(p).all() for p in self.learner.meta_parameters().values()):
+                    self._fail(f"non-finite parameters after the optimizer step at step {step}")
                 if self.target is not None:
                     self.target.update(self.learner.meta_parameters())  # θ_m <- η·θ_m + (1-η)·θ
                 self.state.step = step
                 self._log(step, {"loss": loss.item(), **stats, "step_time_s": time.perf_counter() - started})
                 if step % self.eval_every == 0 or step == self.steps:
-                    self._validate(step)
+                    self._validate(step, selects=step % self.eval_every == 0 or self.state.best_step is None)
                 if step % self.checkpoint_every == 0 or step == self.steps or self._stop_signal:
                     self.save()
                 bar.update(1)
@@ -101,17 +114,22 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
         return self.state
 
-    def _validate(self, step: int) -> None:
-        metrics = self.validate(step)
-        self.state.history.append({"step": step, **metrics})
+    def _fail(self, what: str):
+        saved = self.state.saved_step
+        raise NonFiniteError(f"{what}; stopped, " + (f"last checkpoint kept at step {saved}" if saved is not None
+                                                     else "no checkpoint was written"))
+
+    def _validate(self, step: int, selects: bool) -> None:
+        metrics = self.score_validation(step)
+        self.state.history.append({"step": step, **metrics, "selects": selects})
         self._log(step, {f"val_{name}": value for name, value in metrics.items()})
         value = metrics[self.selects]
         best = self.state.best_value
-        if best is None or (value > best if self.higher_is_better else value < best):
+        if selects and (best is None or (value > best if self.higher_is_better else value < best)):
             self.state.best_value, self.state.best_step = value, step
             checkpoint.save_atomic({"step": step, "value": value, **self._weights(), "config": self.config},
                                    self.run_dir / checkpoint.BEST)
-        log.info("step %d  val %s  (best %.3f at step %d)", step,
+        log.info("step %d  val %s  (best %.3f at step %s)", step,
                  "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()), self.state.best_value, self.state.best_step)
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
@@ -130,6 +148,7 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state
+        state.saved_step = state.step
         checkpoint.save_atomic({
             **self._weights(),
             "step": state.step, "best_value": state.best_value, "best_step": state.best_step,
@@ -144,7 +163,10 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.sampler.load_state_dict(payload["sampler"])
         _set_rng_states(payload["rng"])
-        self.state = TrainState(payload["step"], payload["best_value"], payload["best_step"], payload["history"])
+        # Drop last-step validations that did not choose: a longer run would not have made them.
+        history = [entry for entry in payload["history"] if entry["selects"]]
+        self.state = TrainState(payload["step"], payload["best_value"], payload["best_step"], history,
+                                saved_step=payload["step"])
 
 
 def _rng_states() -> dict:

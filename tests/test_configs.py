@@ -17,8 +17,9 @@ def test_groups_have_the_documented_options():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts if g != "dataset"])
 def test_every_option_composes_and_builds(group, option):
-    cfg = make_cfg(*FAST, f"{group}={option}", *(FAST[1:3] if group == "trainer" else []))
-    pipeline.validate(cfg)
+    cfg = make_cfg(*FAST, f"{group}={option}")
+    assert cfg[group] is not None if group != "experiment" else True
+    pipeline.check_config(cfg)
     exp = pipeline.build(cfg)
     assert exp.learner.meta_parameters()
     assert (exp.target is not None) == cfg.simt.enabled
@@ -27,12 +28,12 @@ def test_every_option_composes_and_builds(group, option):
 def test_every_dataset_option_composes():
     for option in OPTIONS["dataset"]:
         cfg = make_cfg(f"dataset={option}")
-        pipeline.validate(cfg)
+        pipeline.check_config(cfg)
         assert cfg.dataset._target_
 
 
 @pytest.mark.parametrize("algo,keys", [
-    ("fomaml", {"first_order": True}), ("anil", {"adapt": "head"}),
+    ("fomaml", {"first_order": True}), ("anil", {"adapt_scope": "head"}),
     ("metasgd", {"lr_shape": "element"}), ("protonet", {"train_ways": 20}),
 ])
 def test_algorithm_variants_set_their_keys(algo, keys):
@@ -71,19 +72,22 @@ def test_dropout_only_with_simt():
 ])
 def test_invalid_values_give_one_line_errors(override, message):
     with pytest.raises(pipeline.ConfigError) as error:
-        pipeline.validate(make_cfg(*FAST, override))
+        pipeline.check_config(make_cfg(*FAST, override))
     assert str(error.value) == message
 
 
 def test_protonet_train_ways_must_fit_the_train_split():
     with pytest.raises(pipeline.ConfigError, match=r"algo.train_ways=20: expected at most 8 \(classes in the"):
-        pipeline.validate(make_cfg("dataset=synthetic", "algo=protonet", "dataset.split_classes.train=8"))
+        pipeline.check_config(make_cfg("dataset=synthetic", "algo=protonet", "dataset.split_classes.train=8"))
 
 
 @pytest.mark.parametrize("args,message", [
     (["simt.eta=1.5"], "error: simt.eta=1.5: expected a number in [0, 1]"),
     (["algo=nope"], "error: algo='nope': expected one of anil, fomaml, maml, metasgd, protonet"),
     (["-m", "algo=maml,nope"], "error: algo='nope': expected one of anil, fomaml, maml, metasgd, protonet"),
+    (["simt.etaa=1"], "error: Could not override 'simt.etaa'. To append to your config use +simt.etaa=1"),
+    (["algo.adapt_scope=body"], "error: algo.adapt_scope='body': expected one of all, head"),
+    (["dataset.image_size=8"], "error: dataset.image_size=8: expected an integer >= 16 (Conv4 max-pools 4 times)"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args, message, tmp_path):
     result = run_cli(*FAST, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", *args)

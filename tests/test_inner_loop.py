@@ -92,7 +92,7 @@ def test_first_order_meta_gradient_differs_from_second_order():
 
 
 def test_anil_adapts_only_the_head():
-    learner, task = _learner(adapt="head"), _task()
+    learner, task = _learner(adapt_scope="head"), _task()
     params = learner.meta_parameters()
     adapted = learner.adapt(params, task, steps=2, first_order=False)
     assert learner.adapt_keys == ["classifier.weight", "classifier.bias"]

@@ -104,3 +104,67 @@ def test_simt_loss_mixes_task_and_distillation():
     loss, stats = meta_batch_loss(exp.learner, exp.target, [task])
     assert loss.item() == pytest.approx(0.75 * stats["task_loss"] + 0.25 * stats["distill_loss"], rel=1e-5)
     assert stats["distill_loss"] >= 0.0
+
+
+def _task_of(exp, ways=5):
+    return pipeline.TaskSampler(exp.dataset.split("train"), ways, 1, 3, seed=0).sample()
+
+
+def test_simt_with_zero_weight_and_no_dropout_equals_the_baseline_bitwise():
+    on = pipeline.build(make_cfg(*FAST, "simt.lam=0", "simt.drop_p=0"))
+    off = pipeline.build(make_cfg(*FAST, "simt.enabled=false"))
+    tasks = [_task_of(on) for _ in range(2)]
+    loss_on, _ = meta_batch_loss(on.learner, on.target, tasks)
+    loss_off, _ = meta_batch_loss(off.learner, None, tasks)
+    assert torch.equal(loss_on, loss_off)
+
+
+def test_dropout_perturbs_only_the_students_query_pass():
+    exp = pipeline.build(make_cfg(*FAST, "simt.drop_p=0.5"))
+    learner, task = exp.learner, _task_of(exp)
+    theta = learner.meta_parameters()
+    adapted = [learner.adapt(theta, task, 2, first_order=True) for _ in range(2)]
+    assert all(torch.equal(adapted[0][k], adapted[1][k]) for k in adapted[0])  # inner loop: no dropout
+    assert torch.equal(learner.teacher_outputs(exp.target.params, task),
+                       learner.teacher_outputs(exp.target.params, task))
+    assert not torch.equal(learner.student_outputs(theta, task), learner.student_outputs(theta, task))
+    assert torch.equal(learner.eval_outputs(theta, task), learner.eval_outputs(theta, task))
+
+
+def test_teacher_gets_no_gradient_and_the_student_does():
+    exp = pipeline.build(make_cfg(*FAST, "simt.lam=1.0"))
+    task = _task_of(exp)
+    assert exp.learner.teacher_outputs(exp.target.params, task).grad_fn is None
+    loss, _ = meta_batch_loss(exp.learner, exp.target, [task])
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in exp.target.params.values())
+    assert exp.learner.model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_momentum_keys_skip_bn_affine_and_cover_metasgd_rates():
+    exp = pipeline.build(make_cfg(*FAST, "algo=metasgd"))
+    keys = exp.learner.momentum_keys
+    assert not any(".norm." in key for key in keys)
+    assert {k for k in keys if k.startswith("inner_lr.")} == {"inner_lr." + k for k in exp.learner.adapt_keys}
+    assert set(exp.target.params) == set(keys)
+
+
+def test_teacher_adapts_with_the_averaged_rates():
+    exp = pipeline.build(make_cfg(*FAST, "algo=metasgd"))
+    task = _task_of(exp)
+    for key in exp.target.params:
+        if key.startswith("inner_lr."):
+            exp.target.params[key].zero_()  # zero rates: the teacher's adaptation is the identity
+    with torch.no_grad():
+        unadapted = exp.learner._forward(exp.target.params, task.query_x)
+    assert torch.equal(exp.learner.teacher_outputs(exp.target.params, task), unadapted)
+
+
+def test_protonet_teacher_updates_its_own_bn_statistics_only():
+    exp = pipeline.build(make_cfg(*FAST, "algo=protonet"))
+    key = "features.layer1.norm.running_mean"
+    student_before = dict(exp.learner.model.named_buffers())[key].clone()
+    target_before = exp.target.params[key].clone()
+    exp.learner.teacher_outputs(exp.target.params, _task_of(exp, ways=20))
+    assert not torch.equal(exp.target.params[key], target_before)
+    assert torch.equal(dict(exp.learner.model.named_buffers())[key], student_before)

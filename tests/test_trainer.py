@@ -41,7 +41,8 @@ def _flatten(tree, prefix="") -> dict:
 
 
 def _same_metrics(a: dict, b: dict) -> None:
-    for key in ("test/acc", "test/acc_ci95", "test/student/acc", "val/best", "val/best_step", "test_episodes"):
+    for key in ("test/acc", "test/acc_ci95", "test/student/acc", "val/best", "val/best_step", "val/history",
+                "test_episodes"):
         assert a.get(key) == b.get(key), key
 
 
@@ -73,7 +74,7 @@ def test_training_beats_chance(tmp_path):
 def test_extending_a_finished_run_equals_an_uninterrupted_run(tmp_path):
     common = fast("algo=metasgd", "trainer.eval_every=5", "trainer.checkpoint_every=5", "simt.drop_p=0.2")
     pipeline.run(make_cfg(*common, "trainer.steps=20"), tmp_path / "full")
-    pipeline.run(make_cfg(*common, "trainer.steps=10"), tmp_path / "split")
+    pipeline.run(make_cfg(*common, "trainer.steps=12"), tmp_path / "split")  # not a multiple of eval_every
     pipeline.run(make_cfg(*common, "trainer.steps=20", "trainer.resume=true"), tmp_path / "split")
     _assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "split" / "last.pt")
     _assert_same_weights(tmp_path / "full" / "best.pt", tmp_path / "split" / "best.pt")
@@ -105,7 +106,31 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = run_cli(f"hydra.run.dir={tmp_path / 'killed'}", *args, "trainer.resume=true")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "killed" / "last.pt")
+    _assert_same_weights(tmp_path / "full" / "best.pt", tmp_path / "killed" / "best.pt")
     _same_metrics(_results(tmp_path / "full"), _results(tmp_path / "killed"))
+    assert _logged_steps(tmp_path / "killed") == list(range(1, 41))  # no step logged twice
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return sorted(event.step for event in events.Scalars("train/loss"))
+
+
+def test_best_checkpoint_is_chosen_by_the_target_when_simt_is_on(tmp_path):
+    pipeline.run(make_cfg(*fast("trainer.steps=8", "simt.eta=0.5")), tmp_path)
+    history = _results(tmp_path)["val/history"]
+    best = max((entry for entry in history if entry["selects"]), key=lambda entry: entry["target"])
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == best["step"]
+    assert _results(tmp_path)["val/best"] == best["target"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    pipeline.run(make_cfg(*fast()), tmp_path)
+    with pytest.raises(pipeline.ConfigError, match="simt.enabled=False: expected True as in the checkpoint"):
+        pipeline.run(make_cfg(*fast("trainer.resume=true", "simt.enabled=false")), tmp_path)
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
@@ -128,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         return (loss * float("nan") if len(calls) == 3 else loss), stats
 
     monkeypatch.setattr(trainer, "meta_batch_loss", poisoned)
-    with pytest.raises(trainer.NonFiniteLossError, match="non-finite outer loss .* at step 3; last checkpoint kept at step 2"):
+    with pytest.raises(trainer.NonFiniteError, match="non-finite outer loss .* at step 3; stopped, last checkpoint kept at step 2"):
         pipeline.run(make_cfg(*fast("trainer.checkpoint_every=2", "trainer.steps=6")), tmp_path)
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
     assert checkpoint.load(tmp_path / "best.pt")["step"] == 2

@@ -2,7 +2,7 @@
 
 - MAML (Finn et al., 2017): adapt every conv/linear parameter, second-order meta-gradient.
 - FOMAML: the same with `first_order=True` (the inner gradient is treated as a constant).
-- ANIL (Raghu et al., 2020): adapt the head only (`adapt=head`); the body is shared, meta-learned.
+- ANIL (Raghu et al., 2020): adapt the head only (`adapt_scope=head`); the body is meta-learned.
 
 As in the official SiMT code, BatchNorm's affine parameters are meta-learned but never adapted in the
 inner loop (and not averaged into the momentum target: see `momentum_keys`).
@@ -18,7 +18,7 @@ from simt.algorithms.inner_loop import Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
 
-ADAPT_CHOICES = ("all", "head")
+ADAPT_SCOPES = ("all", "head")
 
 
 def _norm_parameter_names(model: nn.Module) -> set[str]:
@@ -37,25 +37,26 @@ class GradientLearner:
         inner_steps: inner steps during meta-training (official: 5).
         eval_inner_steps: inner steps at meta-test time, always first order (official: 10).
         first_order: FOMAML (True) or second-order MAML (False).
-        adapt: "all" conv/linear parameters (MAML) or only the "head" (ANIL).
-        train_ways: ways of training episodes; None means the evaluation ways (task.ways).
+        adapt_scope: which parameters the inner loop adapts: "all" conv/linear ones (MAML) or the "head" (ANIL).
+        train_ways: ways of training episodes; None means task.ways (the head has one output per way,
+            so gradient learners must train and test with the same ways).
         loss_fn: the task loss on (outputs, targets); cross-entropy for classification.
     """
 
     embedding_model = False  # the backbone needs a head of `ways` outputs and transductive BatchNorm
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
-                 eval_inner_steps: int = 10, first_order: bool = False, adapt: str = "all",
+                 eval_inner_steps: int = 10, first_order: bool = False, adapt_scope: str = "all",
                  train_ways: int | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
-        if adapt not in ADAPT_CHOICES:
-            raise ValueError(f"algo.adapt={adapt!r}: expected one of {', '.join(ADAPT_CHOICES)}")
+        if adapt_scope not in ADAPT_SCOPES:
+            raise ValueError(f"algo.adapt_scope={adapt_scope!r}: expected one of {', '.join(ADAPT_SCOPES)}")
         self.model = model.train()
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order, self.train_ways, self.task_loss = first_order, train_ways, loss_fn
         norm_names = _norm_parameter_names(model)
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
-                           and (adapt == "all" or name.startswith("classifier."))]
+                           and (adapt_scope == "all" or name.startswith("classifier."))]
         self._norm_names = norm_names
 
     # -- what the trainer and SiMT see -------------------------------------------------------------
