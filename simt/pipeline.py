@@ -20,7 +20,6 @@ from simt.algorithms.maml import ADAPT_SCOPES
 from simt.algorithms.metasgd import LR_SHAPES
 from simt.checkpoint import CheckpointError
 from simt.data import FewShotDataset
-from simt.data.tasks import TaskSampler, fixed_episodes
 from simt.evaluator import evaluate, summarize
 from simt.momentum import MomentumTarget
 from simt.trainer import NonFiniteError, Trainer
@@ -118,7 +117,7 @@ def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: 
                                          f"dataset {cfg.dataset._target_.split('.')[-2]})")
     if cfg.task.shots + cfg.task.queries > instances:
         raise ConfigError("task.shots+task.queries", cfg.task.shots + cfg.task.queries,
-                          f"at most {instances} (images per class in the dataset)")
+                          f"at most {instances} (images in the smallest class of the dataset)")
 
 
 def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -183,8 +182,8 @@ def build(cfg: DictConfig) -> Experiment:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     dataset: FewShotDataset = instantiate(cfg.dataset)
-    _check_task_fits(cfg, {name: split.shape[0] for name, split in dataset.splits.items()},
-                     min(split.shape[1] for split in dataset.splits.values()))
+    _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
+                     min(split.smallest_class for split in dataset.splits.values()))
     torch.manual_seed(cfg.seed)  # initial weights
     learner_cls = get_class(cfg.algo._target_)
     model = instantiate(
@@ -211,8 +210,8 @@ def _models(exp: Experiment) -> dict:
 
 def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
     task = cfg.task
-    return fixed_episodes(exp.dataset.split(split), task.ways, task.shots, task.queries, count,
-                          seed=cfg.trainer.episode_seed)
+    return exp.dataset.split(split).episodes(task.ways, task.shots, task.queries, count,
+                                             seed=cfg.trainer.episode_seed)
 
 
 def _progress(cfg: DictConfig) -> bool:
@@ -251,8 +250,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     exp = build(cfg)
     optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=cfg.trainer.lr)
-    sampler = TaskSampler(exp.dataset.split("train"), train_ways(cfg), cfg.task.shots, cfg.task.queries,
-                          seed=cfg.seed)
+    sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed)
 
     def score_validation(step: int) -> dict[str, float]:
         scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),

@@ -66,7 +66,7 @@ def test_dropout_only_with_simt():
     ("simt.drop_p=1", "simt.drop_p=1: expected a number in [0, 1)"),
     ("simt.temp=0", "simt.temp=0: expected a number > 0"),
     ("task.ways=9", "task.ways=9: expected at most 8 (classes in the val split of dataset synthetic)"),
-    ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images per class in the dataset)"),
+    ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images in the smallest class of the dataset)"),
     ("trainer.steps=0", "trainer.steps=0: expected an integer >= 1"),
     ("trainer.device=tpu", "trainer.device='tpu': expected auto, cpu, cuda or cuda:N"),
 ])

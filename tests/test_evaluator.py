@@ -72,7 +72,7 @@ def test_sampler_state_round_trip():
 def test_sampler_rejects_impossible_tasks():
     with pytest.raises(ValueError, match="task.ways=11: the split has only 10 classes"):
         TaskSampler(_images(), 11, 1, 3, seed=0)
-    with pytest.raises(ValueError, match="task.shots\\+task.queries=9"):
+    with pytest.raises(ValueError, match="task.shots\\+task.queries=9: the smallest class"):
         TaskSampler(_images(), 5, 1, 8, seed=0)
 
 
@@ -85,3 +85,27 @@ def test_prototypes_are_class_means_and_logits_have_shape_queries_by_ways():
     assert logits.shape == (3, 2)
     torch.testing.assert_close(logits[0], torch.tensor([0.0, -101.0]))
     assert logits.argmax(1).tolist() == [0, 1, 0]
+
+
+def test_ragged_splits_sample_within_each_class():
+    sizes = [4, 9, 5, 7, 6, 12]
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    # image i carries its class id in every pixel
+    images = torch.cat([torch.full((n, 1, 2, 2), c, dtype=torch.uint8) for c, n in enumerate(sizes)])
+    sampler = TaskSampler(images, ways=4, shots=1, queries=3, seed=0, offsets=offsets)
+    for _ in range(20):
+        task = sampler.sample()
+        for way in range(4):
+            pixels = torch.cat([task.support_x[task.support_y == way], task.query_x[task.query_y == way]])
+            assert len(set((pixels * 255).round().long().flatten().tolist())) == 1
+    with pytest.raises(ValueError, match="task.shots\\+task.queries=5: the smallest class of the split has only 4"):
+        TaskSampler(images, ways=2, shots=2, queries=3, seed=0, offsets=offsets)
+
+
+def test_equal_size_and_flat_layouts_give_the_same_tasks():
+    images = _images()
+    flat = images.reshape(-1, *images.shape[2:])
+    offsets = torch.arange(images.shape[0] + 1) * images.shape[1]
+    a = TaskSampler(images, 5, 1, 3, seed=3).sample()
+    b = TaskSampler(flat, 5, 1, 3, seed=3, offsets=offsets).sample()
+    assert torch.equal(a.query_x, b.query_x) and torch.equal(a.support_x, b.support_x)

@@ -86,7 +86,7 @@ def test_simt_disabled_gives_exactly_the_baseline_loss(algo):
     cfg = make_cfg(*FAST, f"algo={algo}", "simt.enabled=false")
     exp = pipeline.build(cfg)
     assert exp.target is None
-    sampler = pipeline.TaskSampler(exp.dataset.split("train"), cfg.algo.get("train_ways") or 5, 1, 3, seed=0)
+    sampler = exp.dataset.split("train").sampler(pipeline.train_ways(cfg), 1, 3, seed=0)
     tasks = [sampler.sample() for _ in range(2)]
     torch.manual_seed(0)
     loss, stats = meta_batch_loss(exp.learner, None, tasks)
@@ -100,14 +100,14 @@ def test_simt_disabled_gives_exactly_the_baseline_loss(algo):
 def test_simt_loss_mixes_task_and_distillation():
     cfg = make_cfg(*FAST, "simt.lam=0.25")
     exp = pipeline.build(cfg)
-    task = pipeline.TaskSampler(exp.dataset.split("train"), 5, 1, 3, seed=0).sample()
+    task = exp.dataset.split("train").sampler(5, 1, 3, seed=0).sample()
     loss, stats = meta_batch_loss(exp.learner, exp.target, [task])
     assert loss.item() == pytest.approx(0.75 * stats["task_loss"] + 0.25 * stats["distill_loss"], rel=1e-5)
     assert stats["distill_loss"] >= 0.0
 
 
 def _task_of(exp, ways=5):
-    return pipeline.TaskSampler(exp.dataset.split("train"), ways, 1, 3, seed=0).sample()
+    return exp.dataset.split("train").sampler(ways, 1, 3, seed=0).sample()
 
 
 def test_simt_with_zero_weight_and_no_dropout_equals_the_baseline_bitwise():

@@ -1,26 +1,60 @@
-"""Data sets: each builds a FewShotDataset, one uint8 tensor (classes, instances, C, H, W) per split."""
+"""Data sets: each builds a FewShotDataset of class-disjoint splits, images held as uint8 in memory."""
 from dataclasses import dataclass
 
 import torch
 
+from simt.data.tasks import TaskSampler, class_layout, fixed_episodes
+
+
+@dataclass
+class ClassSplit:
+    """The images of one split, class k at rows offsets[k]:offsets[k + 1]."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W), possibly a view of a memory-mapped array
+    offsets: torch.Tensor  # int64 (classes + 1,)
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, offsets: torch.Tensor | None = None) -> "ClassSplit":
+        """From an equal-size (classes, instances, C, H, W) tensor, or flat images plus offsets."""
+        return cls(*class_layout(images, offsets))
+
+    @property
+    def classes(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def smallest_class(self) -> int:
+        return int((self.offsets[1:] - self.offsets[:-1]).min())
+
+    def sampler(self, ways: int, shots: int, queries: int, seed: int) -> TaskSampler:
+        return TaskSampler(self.images, ways, shots, queries, seed, offsets=self.offsets)
+
+    def episodes(self, ways: int, shots: int, queries: int, count: int, seed: int):
+        """The same `count` episodes for a given seed (validation and test)."""
+        return fixed_episodes(self.images, ways, shots, queries, count, seed, offsets=self.offsets)
+
 
 @dataclass
 class FewShotDataset:
-    """Class-disjoint splits held in memory. `splits[name]` is uint8 (classes, instances, C, H, W)."""
+    """Class-disjoint splits (train / val / test) of one data set."""
 
-    splits: dict[str, torch.Tensor]
+    splits: dict[str, ClassSplit]
     name: str
+
+    @classmethod
+    def from_tensors(cls, splits: dict[str, torch.Tensor], name: str) -> "FewShotDataset":
+        """From equal-size (classes, instances, C, H, W) uint8 tensors, one per split."""
+        return cls({split: ClassSplit.from_tensor(images) for split, images in splits.items()}, name)
 
     @property
     def channels(self) -> int:
-        return next(iter(self.splits.values())).shape[2]
+        return next(iter(self.splits.values())).images.shape[1]
 
     @property
     def image_size(self) -> int:
-        return next(iter(self.splits.values())).shape[-1]
+        return next(iter(self.splits.values())).images.shape[-1]
 
-    def split(self, name: str) -> torch.Tensor:
+    def split(self, name: str) -> ClassSplit:
         if name not in self.splits:
             raise KeyError(f"dataset {self.name}: no split {name!r}; has {sorted(self.splits)}")
         return self.splits[name]
-

@@ -722,4 +722,4 @@ def kanji_dataset(split_classes: Mapping[str, int], instances: int, image_size: 
 
     splits = load_kanji(dict(split_classes), instances, image_size=image_size, seed=seed,
                         cache_dir=cache_dir, workers=workers, progress=sys.stderr.isatty())
-    return FewShotDataset(splits=splits, name="kanji")
+    return FewShotDataset.from_tensors(splits, name="kanji")

@@ -18,4 +18,4 @@ def synthetic(split_classes: dict[str, int], instances: int, image_size: int = 1
         noisy = pattern + noise * torch.randn(classes, instances, channels, image_size, image_size,
                                               generator=generator)
         splits[name] = (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
-    return FewShotDataset(splits=splits, name="synthetic")
+    return FewShotDataset.from_tensors(splits, name="synthetic")

@@ -1,7 +1,7 @@
-"""Few-shot tasks: a class-split image tensor in, (support, query) episodes out.
+"""Few-shot tasks: class-grouped images in, (support, query) episodes out.
 
-A split is one uint8 tensor of shape (classes, instances, C, H, W) held in memory, so sampling a task is
-pure indexing: no decoding, no per-sample Python.
+A split is one uint8 image tensor with the images of each class contiguous, plus class offsets, held in
+memory (or memory-mapped), so sampling a task is pure indexing: no decoding, no per-sample Python.
 """
 from dataclasses import dataclass
 
@@ -22,6 +22,23 @@ class Task:
                                                                  self.query_x, self.query_y)))
 
 
+def class_layout(images: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise a split to (images (N, C, H, W), offsets (classes + 1,)).
+
+    Accepts an equal-size split (classes, instances, C, H, W) with no offsets, or flat images whose class k
+    occupies rows offsets[k]:offsets[k + 1] (data sets with a varying number of images per class).
+    """
+    if offsets is None:
+        if images.dim() != 5:
+            raise ValueError(f"expected images (classes, instances, C, H, W), got {tuple(images.shape)}")
+        classes, instances = images.shape[:2]
+        return images.reshape(classes * instances, *images.shape[2:]), torch.arange(classes + 1) * instances
+    if images.dim() != 4 or offsets.dim() != 1 or int(offsets[-1]) != images.shape[0]:
+        raise ValueError(f"expected images (N, C, H, W) and offsets ending at N, got {tuple(images.shape)} "
+                         f"and offsets {tuple(offsets.shape)}")
+    return images, offsets.long()
+
+
 class TaskSampler:
     """Draws N-way K-shot episodes from one split with its own seeded generator.
 
@@ -29,26 +46,30 @@ class TaskSampler:
     on how many tasks were drawn before: checkpointing `state_dict()` makes resumed runs bitwise exact.
     """
 
-    def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int, seed: int):
-        if images.dtype != torch.uint8 or images.dim() != 5:
-            raise ValueError(f"TaskSampler: expected a uint8 tensor (classes, instances, C, H, W), "
-                             f"got {images.dtype} {tuple(images.shape)}")
-        classes, instances = images.shape[:2]
+    def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int, seed: int,
+                 offsets: torch.Tensor | None = None):
+        if images.dtype != torch.uint8:
+            raise ValueError(f"TaskSampler: expected uint8 images, got {images.dtype}")
+        self.images, self.offsets = class_layout(images, offsets)
+        self.counts = self.offsets[1:] - self.offsets[:-1]
+        classes, smallest = len(self.counts), int(self.counts.min())
         if ways > classes:
             raise ValueError(f"task.ways={ways}: the split has only {classes} classes")
-        if shots + queries > instances:
-            raise ValueError(f"task.shots+task.queries={shots + queries}: the split has only {instances} "
-                             f"images per class")
-        self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
+        if shots + queries > smallest:
+            raise ValueError(f"task.shots+task.queries={shots + queries}: the smallest class of the split has "
+                             f"only {smallest} images")
+        self.ways, self.shots, self.queries = ways, shots, queries
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self) -> Task:
-        classes, instances = self.images.shape[:2]
-        picked = torch.randperm(classes, generator=self.generator)[: self.ways]
-        # One random permutation of the instances per picked class, first shots+queries of each.
-        order = torch.rand(self.ways, instances, generator=self.generator).argsort(dim=1)
-        order = order[:, : self.shots + self.queries]
-        images = self.images[picked[:, None], order].float().div_(255)  # (ways, shots+queries, C, H, W)
+        picked = torch.randperm(len(self.counts), generator=self.generator)[: self.ways]
+        counts = self.counts[picked]
+        # A random subset of each picked class: sort random keys, with the keys of slots past a class's
+        # size pushed to the end, and keep the first shots+queries.
+        keys = torch.rand(self.ways, int(counts.max()), generator=self.generator)
+        keys[torch.arange(keys.shape[1]) >= counts[:, None]] = 2.0
+        order = keys.argsort(dim=1)[:, : self.shots + self.queries] + self.offsets[picked][:, None]
+        images = self.images[order].float().div_(255)  # (ways, shots + queries, C, H, W)
         labels = torch.arange(self.ways)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (ways, n, ...) -> (ways * n, ...)
         return Task(
@@ -65,8 +86,9 @@ class TaskSampler:
         self.generator.set_state(state["generator"])
 
 
-def fixed_episodes(images: torch.Tensor, ways: int, shots: int, queries: int, count: int, seed: int):
+def fixed_episodes(images: torch.Tensor, ways: int, shots: int, queries: int, count: int, seed: int,
+                   offsets: torch.Tensor | None = None):
     """The same `count` episodes every time for a given seed and split (a fresh sampler each call)."""
-    sampler = TaskSampler(images, ways, shots, queries, seed)
+    sampler = TaskSampler(images, ways, shots, queries, seed, offsets)
     for _ in range(count):
         yield sampler.sample()
