@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 from simt import pipeline
 
 # Errors whose message is one complete line naming the key or file and what was expected.
-USER_ERRORS = (pipeline.ConfigError, pipeline.OverrideError, pipeline.CheckpointError, pipeline.NonFiniteError)
+USER_ERRORS = (pipeline.ConfigError, pipeline.OverrideError, pipeline.CheckpointError, pipeline.DataError,
+               pipeline.BuildError, pipeline.NonFiniteError)
 
 
 def fail(error: Exception) -> None:

@@ -1,6 +1,7 @@
 """Meta-test evaluation: the same seeded episodes for every model, per-episode scores, mean and 95% CI."""
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -14,6 +15,19 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return (outputs.argmax(dim=1) == targets).float().mean().item() * 100.0
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What a data set is scored by: `fn(outputs, targets) -> float` per episode, its name in results
+    (`test/<name>`), and whether higher is better (which also sets the sweep direction)."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], float]
+    name: str
+    higher_is_better: bool
+
+
+ACCURACY = Metric(accuracy, "acc", higher_is_better=True)
+
+
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its normal-approximation 95% interval, 1.96·s/√n (s with n-1)."""
     n = len(values)
@@ -25,7 +39,7 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], device: torch.device,
-             metric=accuracy, total: int | None = None, desc: str = "eval",
+             metric: Metric = ACCURACY, total: int | None = None, desc: str = "eval",
              progress: bool = False) -> dict[str, list[float]]:
     """Score every model in `models` (name -> params) on every episode; returns name -> per-episode scores.
 
@@ -35,7 +49,7 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
     for task in tqdm(episodes, total=total, desc=desc, leave=False, disable=not progress):
         task = task.to(device)
         for name, params in models.items():
-            scores[name].append(metric(learner.eval_outputs(params, task), task.query_y))
+            scores[name].append(metric.fn(learner.eval_outputs(params, task), task.query_y))
     return scores
 
 

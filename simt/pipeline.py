@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +20,7 @@ from simt import checkpoint
 from simt.algorithms.maml import ADAPT_SCOPES
 from simt.algorithms.metasgd import LR_SHAPES
 from simt.checkpoint import CheckpointError
+from simt.data.safe_pickle import DataError
 from simt.data import FewShotDataset
 from simt.evaluator import evaluate, summarize
 from simt.momentum import MomentumTarget
@@ -26,7 +28,7 @@ from simt.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("algo", "backbone", "dataset", "simt", "trainer", "experiment")
+GROUPS = ("algo", "backbone", "dataset", "simt", "trainer", "eval_dataset", "experiment")
 
 
 class ConfigError(ValueError):
@@ -100,7 +102,9 @@ def check_config(cfg: DictConfig) -> None:
         for split, classes in cfg.dataset.split_classes.items():
             if not _is_int(classes) or classes < 1:
                 raise ConfigError(f"dataset.split_classes.{split}", classes, "an integer >= 1")
-        _check_task_fits(cfg, dict(cfg.dataset.split_classes), cfg.dataset.instances)
+        per_class = cfg.dataset.get("instances") or cfg.dataset.get("samples_per_object")
+        _check_task_fits(cfg, dict(cfg.dataset.split_classes), per_class, cfg.dataset._target_.split(".")[-2],
+                         regression="samples_per_object" in cfg.dataset)
 
 
 def train_ways(cfg: DictConfig) -> int:
@@ -108,16 +112,19 @@ def train_ways(cfg: DictConfig) -> int:
     return cfg.algo.get("train_ways") or cfg.task.ways
 
 
-def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: int) -> None:
+def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: int, dataset: str,
+                     regression: bool = False) -> None:
     for split, classes in split_classes.items():
+        if regression:  # one object per task: ways do not apply
+            break
         ways, key = (train_ways(cfg), "algo.train_ways" if cfg.algo.get("train_ways") else "task.ways") \
             if split == "train" else (cfg.task.ways, "task.ways")
         if ways > classes:
             raise ConfigError(key, ways, f"at most {classes} (classes in the {split} split of "
-                                         f"dataset {cfg.dataset._target_.split('.')[-2]})")
+                                         f"dataset {dataset})")
     if cfg.task.shots + cfg.task.queries > instances:
         raise ConfigError("task.shots+task.queries", cfg.task.shots + cfg.task.queries,
-                          f"at most {instances} (images in the smallest class of the dataset)")
+                          f"at most {instances} (images in the smallest class or object of dataset {dataset})")
 
 
 def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -160,12 +167,29 @@ def _check_group_options(argv: list[str], conf_dir: Path) -> None:
 
 # -- construction ----------------------------------------------------------------------------------
 
+class BuildError(ValueError):
+    """A constructor rejected its arguments (its message names the argument and what is allowed)."""
+
+
+def _instantiate(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, with our constructors' one-line errors passed through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise BuildError(f"{node._target_}: {cause}") from None
+        raise
+
 @dataclass
 class Experiment:
     dataset: FewShotDataset
     learner: object
     target: MomentumTarget | None
     device: torch.device
+    test_dataset: FewShotDataset  # the training data set, or eval_dataset for cross-domain meta-test
 
 
 def pick_device(name: str) -> torch.device:
@@ -181,23 +205,39 @@ def build(cfg: DictConfig) -> Experiment:
     device = pick_device(cfg.trainer.device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    dataset: FewShotDataset = instantiate(cfg.dataset)
+    dataset: FewShotDataset = _instantiate(cfg.dataset)
     _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
-                     min(split.smallest_class for split in dataset.splits.values()))
-    torch.manual_seed(cfg.seed)  # initial weights
+                     min(split.smallest_class for split in dataset.splits.values()), dataset.name,
+                     dataset.regression)
+    test_dataset = dataset
+    if cfg.get("eval_dataset"):
+        test_dataset = _instantiate(cfg.eval_dataset)
+        if (test_dataset.channels, test_dataset.image_size) != (dataset.channels, dataset.image_size):
+            raise ConfigError("eval_dataset", test_dataset.name, f"images shaped like the training data "
+                              f"({dataset.channels}x{dataset.image_size}x{dataset.image_size})")
+        test = test_dataset.split("test")
+        _check_task_fits(cfg, {"test": test.classes}, test.smallest_class, test_dataset.name)
     learner_cls = get_class(cfg.algo._target_)
-    model = instantiate(
+    if learner_cls.embedding_model and dataset.regression:
+        raise ConfigError("algo", cfg.algo._target_.rsplit(".", 1)[-1], f"a gradient-based learner (maml, "
+                          f"fomaml, anil, metasgd) for the regression data set {dataset.name}")
+    backbone_extras = {}
+    if cfg.backbone.get("output_activation") == "auto":
+        backbone_extras["output_activation"] = dataset.output_activation
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = _instantiate(
         cfg.backbone, in_channels=dataset.channels, image_size=dataset.image_size,
-        out_features=None if learner_cls.embedding_model else cfg.task.ways,
+        out_features=None if learner_cls.embedding_model else dataset.target_dim or cfg.task.ways,
         drop_p=cfg.simt.drop_p if cfg.simt.enabled else 0.0,
-        transductive_bn=not learner_cls.embedding_model,
+        transductive_bn=not learner_cls.embedding_model, **backbone_extras,
     ).to(device)
-    learner = instantiate(cfg.algo, model=model)
+    learner = _instantiate(cfg.algo, model=model, **({} if learner_cls.embedding_model else {"loss_fn": dataset.loss}))
     target = None
     if cfg.simt.enabled:
         target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
-                                eta=cfg.simt.eta, lam=cfg.simt.lam, temp=cfg.simt.temp)
-    return Experiment(dataset, learner, target, device)
+                                eta=cfg.simt.eta, lam=cfg.simt.lam, temp=cfg.simt.temp,
+                                distillation="mse" if dataset.regression else "kl")
+    return Experiment(dataset, learner, target, device, test_dataset)
 
 
 def _models(exp: Experiment) -> dict:
@@ -210,8 +250,8 @@ def _models(exp: Experiment) -> dict:
 
 def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
     task = cfg.task
-    return exp.dataset.split(split).episodes(task.ways, task.shots, task.queries, count,
-                                             seed=cfg.trainer.episode_seed)
+    data = exp.test_dataset if split == "test" else exp.dataset
+    return data.split(split).episodes(task.ways, task.shots, task.queries, count, seed=cfg.trainer.episode_seed)
 
 
 def _progress(cfg: DictConfig) -> bool:
@@ -223,11 +263,12 @@ def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
     exp.learner.load_state_dict(weights["learner"])
     if exp.target is not None:
         exp.target.load_state_dict(weights["target"])
+    metric = exp.test_dataset.metric
     scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "test", cfg.trainer.eval_tasks),
-                      exp.device, total=cfg.trainer.eval_tasks, desc="test", progress=_progress(cfg))
+                      exp.device, metric, total=cfg.trainer.eval_tasks, desc="test", progress=_progress(cfg))
     reported = "target" if exp.target is not None else "student"
-    summary = summarize(scores)
-    return {"test/acc": summary[f"{reported}/acc"], "test/acc_ci95": summary[f"{reported}/acc_ci95"],
+    summary, name = summarize(scores, metric.name), metric.name
+    return {f"test/{name}": summary[f"{reported}/{name}"], f"test/{name}_ci95": summary[f"{reported}/{name}_ci95"],
             **{f"test/{k}": v for k, v in summary.items()}, "reported_model": reported,
             "test_episodes": scores}
 
@@ -254,7 +295,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     def score_validation(step: int) -> dict[str, float]:
         scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),
-                          exp.device, total=cfg.trainer.val_tasks, desc=f"val@{step}", progress=_progress(cfg))
+                          exp.device, exp.dataset.metric, total=cfg.trainer.val_tasks, desc=f"val@{step}", progress=_progress(cfg))
         return {name: sum(values) / len(values) for name, values in scores.items()}
 
     from torch.utils.tensorboard import SummaryWriter  # deferred: slow import, only needed when training
@@ -265,7 +306,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     trainer = Trainer(exp.learner, exp.target, optimizer, sampler, score_validation, run_dir,
                       steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
                       eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
-                      device=exp.device, writer=writer, progress=_progress(cfg), config=resolved)
+                      device=exp.device, metric=exp.dataset.metric, writer=writer, progress=_progress(cfg), config=resolved)
     if payload:
         trainer.resume(payload)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
@@ -279,11 +320,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST))
     results = {**{k: v for k, v in test.items() if k != "test_episodes"},
                "val/best": state.best_value, "val/best_step": state.best_step, "val/history": state.history,
-               "objective": state.best_value, "steps": state.step, "wall_time_s": time.time() - started,
+               "objective": state.best_value,
+               "objective_direction": "maximize" if exp.dataset.metric.higher_is_better else "minimize",
+               "steps": state.step, "wall_time_s": time.time() - started,
                "config": resolved, "test_episodes": test["test_episodes"]}
     _write_json(results, run_dir / "results.json")
-    log.info("test %s acc %.2f ± %.2f (student %.2f, %d episodes); results in %s", test["reported_model"],
-             test["test/acc"], test["test/acc_ci95"], test["test/student/acc"], cfg.trainer.eval_tasks,
+    name = exp.test_dataset.metric.name
+    log.info("test %s %s %.3f ± %.3f (student %.3f, %d episodes); results in %s", test["reported_model"], name,
+             test[f"test/{name}"], test[f"test/{name}_ci95"], test[f"test/student/{name}"], cfg.trainer.eval_tasks,
              run_dir / "results.json")
     return float(state.best_value)
 
@@ -324,9 +368,10 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     exp = build(saved_cfg)
     test = _test(saved_cfg, exp, saved)
     _write_json({**test, "checkpoint": str(path)}, Path(run_dir) / "eval_results.json")
-    log.info("test %s acc %.2f ± %.2f over %d episodes", test["reported_model"], test["test/acc"],
-             test["test/acc_ci95"], saved_cfg.trainer.eval_tasks)
-    return float(test["test/acc"])
+    name = exp.test_dataset.metric.name
+    log.info("test %s %s %.3f ± %.3f over %d episodes", test["reported_model"], name, test[f"test/{name}"],
+             test[f"test/{name}_ci95"], saved_cfg.trainer.eval_tasks)
+    return float(test[f"test/{name}"])
 
 
 def _write_json(payload: dict, path: Path) -> None:
@@ -336,5 +381,5 @@ def _write_json(payload: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["CheckpointError", "ConfigError", "NonFiniteError", "OverrideError", "build", "check_config",
+__all__ = ["BuildError", "CheckpointError", "ConfigError", "DataError", "NonFiniteError", "OverrideError", "build", "check_config",
            "check_overrides", "run", "train_ways"]

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from simt import checkpoint
 from simt.data.tasks import TaskSampler
-from simt.evaluator import accuracy
+from simt.evaluator import ACCURACY, Metric
 from simt.momentum import MomentumTarget
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,16 @@ class NonFiniteError(RuntimeError):
 
 
 def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
-                    metric: Callable = accuracy) -> tuple[torch.Tensor, dict[str, float]]:
+                    metric: Metric = ACCURACY) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over tasks of the outer loss: L_task, or SiMT's (1-λ)·L_task + λ·D when a target is given.
 
     Returns the loss (with its graph) and plain-number statistics for logging.
     """
     theta = learner.meta_parameters()
     total = 0.0
-    stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.__name__: 0.0}
+    stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.name: 0.0}
     if target is not None:
-        stats[f"target_{metric.__name__}"] = 0.0
+        stats[f"target_{metric.name}"] = 0.0
     for task in tasks:
         student_out = learner.student_outputs(theta, task)
         task_loss = learner.task_loss(student_out, task.query_y)
@@ -42,9 +42,9 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
             stats["distill_loss"] += distill.item() / len(tasks)
         total = total + loss / len(tasks)
         stats["task_loss"] += task_loss.item() / len(tasks)
-        stats[metric.__name__] += metric(student_out.detach(), task.query_y) / len(tasks)
+        stats[metric.name] += metric.fn(student_out.detach(), task.query_y) / len(tasks)
         if target is not None:
-            stats[f"target_{metric.__name__}"] += metric(teacher_out, task.query_y) / len(tasks)
+            stats[f"target_{metric.name}"] += metric.fn(teacher_out, task.query_y) / len(tasks)
     return total, stats
 
 
@@ -69,14 +69,14 @@ class Trainer:
     def __init__(self, learner, target: MomentumTarget | None, optimizer: torch.optim.Optimizer,
                  sampler: TaskSampler, score_validation: Callable[[int], dict[str, float]], run_dir: Path,
                  steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
-                 device: torch.device, metric: Callable = accuracy, higher_is_better: bool = True,
-                 writer=None, progress: bool = False, config: dict | None = None):
+                 device: torch.device, metric: Metric = ACCURACY, writer=None, progress: bool = False,
+                 config: dict | None = None):
         self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
         self.score_validation, self.run_dir = score_validation, Path(run_dir)
         self.writer, self.progress = writer, progress
         self.steps, self.meta_batch_size, self.device = steps, meta_batch_size, device
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
-        self.metric, self.higher_is_better, self.config = metric, higher_is_better, config or {}
+        self.metric, self.higher_is_better, self.config = metric, metric.higher_is_better, config or {}
         self.selects = "target" if target is not None else "student"
         self.state = TrainState()
         self._stop_signal: int | None = None

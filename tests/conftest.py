@@ -19,7 +19,8 @@ FEW_STEPS = ["algo.inner_steps=1", "algo.eval_inner_steps=2", "algo.inner_lr=0.4
 def fast(*overrides: str) -> list[str]:
     """FAST plus fewer inner steps for gradient-based learners (ProtoNet has no inner loop)."""
     protonet = any(o == "algo=protonet" for o in overrides)
-    return [*FAST, *([] if protonet else FEW_STEPS), *overrides]
+    base = [o for o in FAST if not (o.startswith("backbone.hidden") and "backbone=resnet12" in overrides)]
+    return [*base, *([] if protonet else FEW_STEPS), *overrides]
 
 
 @pytest.fixture(autouse=True)

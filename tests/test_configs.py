@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from simt import pipeline
-from tests.conftest import FAST, ROOT, make_cfg, run_cli
+from tests.conftest import FAST, ROOT, fast, make_cfg, run_cli
 
 OPTIONS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in pipeline.GROUPS}
 
@@ -15,9 +15,13 @@ def test_groups_have_the_documented_options():
     assert {"kanji", "synthetic"} <= set(OPTIONS["dataset"])
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts if g != "dataset"])
+BUILT_HERE = [(g, o) for g, opts in OPTIONS.items() for o in opts
+              if g not in ("dataset", "eval_dataset", "experiment")]  # those read data: tested end to end
+
+
+@pytest.mark.parametrize("group,option", BUILT_HERE)
 def test_every_option_composes_and_builds(group, option):
-    cfg = make_cfg(*FAST, f"{group}={option}")
+    cfg = make_cfg(*fast(f"{group}={option}"))
     assert cfg[group] is not None if group != "experiment" else True
     pipeline.check_config(cfg)
     exp = pipeline.build(cfg)
@@ -25,11 +29,12 @@ def test_every_option_composes_and_builds(group, option):
     assert (exp.target is not None) == cfg.simt.enabled
 
 
-def test_every_dataset_option_composes():
-    for option in OPTIONS["dataset"]:
-        cfg = make_cfg(f"dataset={option}")
+@pytest.mark.parametrize("group", ["dataset", "eval_dataset", "experiment"])
+def test_every_data_and_experiment_option_composes_and_validates(group):
+    for option in OPTIONS[group]:
+        cfg = make_cfg(f"{group}={option}")
         pipeline.check_config(cfg)
-        assert cfg.dataset._target_
+        assert cfg[group.replace("experiment", "task")]
 
 
 @pytest.mark.parametrize("algo,keys", [
@@ -66,7 +71,7 @@ def test_dropout_only_with_simt():
     ("simt.drop_p=1", "simt.drop_p=1: expected a number in [0, 1)"),
     ("simt.temp=0", "simt.temp=0: expected a number > 0"),
     ("task.ways=9", "task.ways=9: expected at most 8 (classes in the val split of dataset synthetic)"),
-    ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images in the smallest class of the dataset)"),
+    ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images in the smallest class or object of dataset synthetic)"),
     ("trainer.steps=0", "trainer.steps=0: expected an integer >= 1"),
     ("trainer.device=tpu", "trainer.device='tpu': expected auto, cpu, cuda or cuda:N"),
 ])

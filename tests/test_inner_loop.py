@@ -130,3 +130,11 @@ def test_adapt_leaves_non_grad_params_untouched():
     adapted = adapt(lambda p: _support_loss(learner, p, task), frozen, learner.adapt_keys, 2, 0.1, True)
     assert all(torch.equal(frozen[k], snapshot[k]) for k in frozen)
     assert not torch.equal(adapted["classifier.weight"], frozen["classifier.weight"])
+
+
+def test_resnet12_meta_batchnorm_is_adapted_and_averaged():
+    from simt.models import ResNet12
+
+    learner = GradientLearner(ResNet12(1, 16, out_features=3, widths=(2, 2, 2, 2)))
+    assert any(".bn1." in key for key in learner.adapt_keys)
+    assert set(learner.momentum_keys) == set(learner.meta_parameters())

@@ -4,8 +4,9 @@
 - FOMAML: the same with `first_order=True` (the inner gradient is treated as a constant).
 - ANIL (Raghu et al., 2020): adapt the head only (`adapt_scope=head`); the body is meta-learned.
 
-As in the official SiMT code, BatchNorm's affine parameters are meta-learned but never adapted in the
-inner loop (and not averaged into the momentum target: see `momentum_keys`).
+As in the official SiMT code, BatchNorm's affine parameters are meta-learned but, for backbones with a
+plain BatchNorm (Conv4, the conv regressor: `adapts_norm = False`), never adapted in the inner loop nor
+averaged into the momentum target; ResNet-12's meta-BatchNorm is adapted and averaged like any weight.
 """
 from collections.abc import Callable
 
@@ -54,7 +55,7 @@ class GradientLearner:
         self.model = model.train()
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order, self.train_ways, self.task_loss = first_order, train_ways, loss_fn
-        norm_names = _norm_parameter_names(model)
+        norm_names = set() if getattr(model, "adapts_norm", False) else _norm_parameter_names(model)
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
                            and (adapt_scope == "all" or name.startswith("classifier."))]
         self._norm_names = norm_names
@@ -65,7 +66,7 @@ class GradientLearner:
 
     @property
     def momentum_keys(self) -> list[str]:
-        """Everything the outer optimizer trains except BN's affine parameters (official behaviour)."""
+        """Everything the outer optimizer trains, except plain-BN affine parameters (official behaviour)."""
         return [k for k in self.meta_parameters() if k not in self._norm_names]
 
     def momentum_buffers(self) -> Params:

@@ -1,9 +1,12 @@
 """Data sets: each builds a FewShotDataset of class-disjoint splits, images held as uint8 in memory."""
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from simt.data.tasks import TaskSampler, class_layout, fixed_episodes
+from simt.data.tasks import ObjectTaskSampler, TaskSampler, class_layout, fixed_episodes
+from simt.evaluator import ACCURACY, Metric
 
 
 @dataclass
@@ -35,11 +38,47 @@ class ClassSplit:
 
 
 @dataclass
-class FewShotDataset:
-    """Class-disjoint splits (train / val / test) of one data set."""
+class ObjectSplit:
+    """A regression split: object k (one task) is rows offsets[k]:offsets[k + 1] of images and targets."""
 
-    splits: dict[str, ClassSplit]
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    targets: torch.Tensor  # float32 (N, D)
+    offsets: torch.Tensor  # int64 (objects + 1,)
+
+    @property
+    def classes(self) -> int:  # objects play the part of classes in size checks
+        return len(self.offsets) - 1
+
+    @property
+    def smallest_class(self) -> int:
+        return int((self.offsets[1:] - self.offsets[:-1]).min())
+
+    def sampler(self, ways: int, shots: int, queries: int, seed: int) -> ObjectTaskSampler:
+        return ObjectTaskSampler(self.images, self.targets, self.offsets, shots, queries, seed)
+
+    def episodes(self, ways: int, shots: int, queries: int, count: int, seed: int):
+        sampler = self.sampler(ways, shots, queries, seed)
+        return (sampler.sample() for _ in range(count))
+
+
+@dataclass
+class FewShotDataset:
+    """Disjoint splits (train / val / test) of one data set, and how its tasks are scored.
+
+    Classification sets use ClassSplit, cross-entropy and accuracy; regression sets use ObjectSplit,
+    their own loss and metric, `target_dim` outputs, and maybe an output activation for the backbone.
+    """
+
+    splits: dict[str, ClassSplit | ObjectSplit]
     name: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    metric: Metric = ACCURACY
+    target_dim: int | None = None  # None: classification (the head has task.ways outputs)
+    output_activation: str = "none"
+
+    @property
+    def regression(self) -> bool:
+        return self.target_dim is not None
 
     @classmethod
     def from_tensors(cls, splits: dict[str, torch.Tensor], name: str) -> "FewShotDataset":

@@ -86,6 +86,31 @@ class TaskSampler:
         self.generator.set_state(state["generator"])
 
 
+class ObjectTaskSampler:
+    """Regression episodes: one object per task (one glyph, one ShapeNet/Pascal object), `shots` support
+    and `queries` query samples drawn from its images without replacement; y are float targets."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, shots: int,
+                 queries: int, seed: int):
+        self.images, self.targets, self.offsets = images, targets, offsets.long()
+        self.counts = self.offsets[1:] - self.offsets[:-1]
+        if shots + queries > int(self.counts.min()):
+            raise ValueError(f"task.shots+task.queries={shots + queries}: the smallest object of the split has "
+                             f"only {int(self.counts.min())} samples")
+        self.shots, self.queries = shots, queries
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self) -> Task:
+        obj = int(torch.randint(len(self.counts), (1,), generator=self.generator))
+        rows = torch.randperm(int(self.counts[obj]), generator=self.generator)[: self.shots + self.queries]
+        rows = rows + self.offsets[obj]
+        images, targets = self.images[rows].float().div_(255), self.targets[rows]
+        return Task(images[: self.shots], targets[: self.shots], images[self.shots:], targets[self.shots:])
+
+    state_dict = TaskSampler.state_dict
+    load_state_dict = TaskSampler.load_state_dict
+
+
 def fixed_episodes(images: torch.Tensor, ways: int, shots: int, queries: int, count: int, seed: int,
                    offsets: torch.Tensor | None = None):
     """The same `count` episodes every time for a given seed and split (a fresh sampler each call)."""

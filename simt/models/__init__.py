@@ -2,6 +2,8 @@
 from torch import nn
 
 from simt.models.conv4 import Conv4
+from simt.models.conv_regressor import ConvRegressor
+from simt.models.resnet12 import ResNet12
 
 
 def set_dropout(model: nn.Module, active: bool) -> None:
@@ -15,4 +17,4 @@ def set_dropout(model: nn.Module, active: bool) -> None:
             module.train(active)
 
 
-__all__ = ["Conv4", "set_dropout"]
+__all__ = ["Conv4", "ConvRegressor", "ResNet12", "set_dropout"]

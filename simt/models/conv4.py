@@ -37,6 +37,10 @@ class Conv4(nn.Module):
         transductive_bn: batch statistics always (MAML family) vs. standard running statistics.
     """
 
+    # Official Conv4 uses a plain nn.BatchNorm2d inside a meta-model: BN's affine parameters are meta-learned
+    # but neither adapted in the inner loop nor averaged into the momentum target.
+    adapts_norm = False
+
     def __init__(self, in_channels: int, image_size: int, out_features: int | None, hidden: int = 64,
                  drop_p: float = 0.0, transductive_bn: bool = True):
         super().__init__()
