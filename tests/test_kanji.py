@@ -280,3 +280,11 @@ def test_prints_nothing(tmp_path, capsys):
     assert out == "" and "rendering kanji" in err  # only the progress bar, on stderr
     _build(tmp_path / "quiet", split_classes={"train": 2}, instances=1, progress=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_an_unwritable_cache_warns_and_still_returns_the_data(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(RuntimeWarning, match="could not write the kanji cache"):
+        data = _build(blocker / "cache")
+    assert data["train"].shape[:2] == (SMALL["train"], INST)

@@ -65,6 +65,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from simt.data.cache import default_cache_dir
 from simt.data.safe_pickle import DataError, safe_load_pickle
 
 __all__ = [
@@ -154,15 +155,6 @@ def _as_str(name: object) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Decode cache
 # ---------------------------------------------------------------------------------------------------
-
-def default_cache_dir() -> Path:
-    """``$SIMT_CACHE`` if set, else ``$XDG_CACHE_HOME/simt``, else ``~/.cache/simt``."""
-    if os.environ.get("SIMT_CACHE"):
-        return Path(os.environ["SIMT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "simt"
-    return Path.home() / ".cache" / "simt"
-
 
 def image_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of the decoded-image caches: ``<cache_dir or default_cache_dir()>/images``."""

@@ -35,7 +35,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from simt.data.cache import default_cache_dir, load_or_build
 
 __all__ = [
     "RENDERER_VERSION",
@@ -514,15 +515,6 @@ def split_codepoints(split_classes: Mapping[str, int], seed: int = 0) -> dict[st
     return out
 
 
-def default_cache_dir() -> Path:
-    """``$SIMT_CACHE`` if set, else ``$XDG_CACHE_HOME/simt``, else ``~/.cache/simt``."""
-    if os.environ.get("SIMT_CACHE"):
-        return Path(os.environ["SIMT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "simt"
-    return Path.home() / ".cache" / "simt"
-
-
 def _cache_key(splits: dict[str, int], instances: int, image_size: int, seed: int) -> str:
     # Everything that changes the output; split order matters (it decides the assignment).
     return json.dumps(
@@ -702,16 +694,10 @@ def load_kanji(
     key = _cache_key(splits, instances, image_size, seed)
     path = cache_path(splits, instances, image_size, seed, cache_dir)
 
-    arrays = _read_cache(path, key, codes, instances, image_size)
-    if arrays is None:
-        n_workers = workers if workers is not None else (os.cpu_count() or 1)
-        arrays = _build(codes, instances, image_size, seed, max(1, int(n_workers)), progress)
-        try:
-            _write_cache(path, key, codes, arrays)
-        except OSError as exc:  # an unwritable cache must not lose the built data
-            warnings.warn(
-                f"could not write the kanji cache {path}: {exc}", RuntimeWarning, stacklevel=2
-            )
+    n_workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    arrays = load_or_build(path, lambda: _read_cache(path, key, codes, instances, image_size),
+                           lambda: _build(codes, instances, image_size, seed, n_workers, progress),
+                           lambda built: _write_cache(path, key, codes, built), "kanji")
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 
 

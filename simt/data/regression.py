@@ -57,7 +57,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ import torch
 from tqdm import tqdm
 
 from simt.data import kanji as _kanji
+from simt.data.cache import default_cache_dir, load_or_build
 from simt.data.safe_pickle import DataError, _fail, safe_load_pickle
 
 __all__ = [
@@ -530,7 +530,7 @@ def kanji_pose_cache_path(split_classes: Mapping[str, int] | None = None, sample
                           cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`kanji_pose` caches the arrays for these parameters."""
     key = _pose_key(_normalize_pose_splits(split_classes), int(samples_per_object), int(image_size), int(seed))
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else _kanji.default_cache_dir()
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return folder / f"kanji-pose-v{KANJI_POSE_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -653,14 +653,10 @@ def kanji_pose(split_classes: Mapping[str, int] | None = None, samples_per_objec
     codes = _pose_codepoints(splits, seed)
     key = _pose_key(splits, samples, image_size, seed)
     path = kanji_pose_cache_path(splits, samples, image_size, seed, cache_dir)
-    arrays = _read_pose_cache(path, key, codes, samples, image_size)
-    if arrays is None:
-        n_workers = workers if workers is not None else (os.cpu_count() or 1)
-        arrays = _build_pose(codes, samples, image_size, seed, max(1, int(n_workers)), progress)
-        try:
-            _write_pose_cache(path, key, codes, arrays)
-        except OSError as exc:  # an unwritable cache must not lose the built data
-            warnings.warn(f"could not write the kanji_pose cache {path}: {exc}", RuntimeWarning, stacklevel=2)
+    n_workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    arrays = load_or_build(path, lambda: _read_pose_cache(path, key, codes, samples, image_size),
+                           lambda: _build_pose(codes, samples, image_size, seed, n_workers, progress),
+                           lambda built: _write_pose_cache(path, key, codes, built), "kanji_pose")
     out = {}
     for name, cps in codes.items():
         x, t = arrays[name]
