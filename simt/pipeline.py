@@ -231,7 +231,8 @@ def build(cfg: DictConfig) -> Experiment:
         drop_p=cfg.simt.drop_p if cfg.simt.enabled else 0.0,
         transductive_bn=not learner_cls.embedding_model, **backbone_extras,
     ).to(device)
-    learner = _instantiate(cfg.algo, model=model, **({} if learner_cls.embedding_model else {"loss_fn": dataset.loss}))
+    task_loss = {} if learner_cls.embedding_model else {"loss_fn": dataset.loss}  # ProtoNet: always CE
+    learner = _instantiate(cfg.algo, model=model, **task_loss)
     target = None
     if cfg.simt.enabled:
         target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
