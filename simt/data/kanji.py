@@ -34,7 +34,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -44,7 +43,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from simt.data.cache import default_cache_dir, load_or_build
+from simt.data.cache import default_cache_dir, load_or_build, save_npz_atomic
 
 __all__ = [
     "RENDERER_VERSION",
@@ -586,21 +585,7 @@ def _write_cache(
     for j, name in enumerate(codes):
         payload[f"x{j}"] = arrays[name]
         payload[f"c{j}"] = np.array(codes[name], dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write a temp file in the same folder, then rename: readers never see a half-written cache.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    save_npz_atomic(path, payload)
 
 
 def _pool_context():

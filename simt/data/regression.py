@@ -56,7 +56,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from simt.data import kanji as _kanji
-from simt.data.cache import default_cache_dir, load_or_build
+from simt.data.cache import default_cache_dir, load_or_build, save_npz_atomic
 from simt.data.safe_pickle import DataError, _fail, safe_load_pickle
 
 __all__ = [
@@ -574,21 +573,7 @@ def _write_pose_cache(path: Path, key: str, codes: dict[str, list[int]],
     for j, name in enumerate(codes):
         payload[f"x{j}"], payload[f"t{j}"] = arrays[name]
         payload[f"c{j}"] = np.array(codes[name], dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write a temp file in the same folder, then rename: readers never see a half-written cache.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    save_npz_atomic(path, payload)
 
 
 def _build_pose(codes: dict[str, list[int]], samples: int, image_size: int, seed: int, workers: int,
