@@ -221,6 +221,11 @@ def build(cfg: DictConfig) -> Experiment:
     if learner_cls.embedding_model and dataset.regression:
         raise ConfigError("algo", cfg.algo._target_.rsplit(".", 1)[-1], f"a gradient-based learner (maml, "
                           f"fomaml, anil, metasgd) for the regression data set {dataset.name}")
+    if dataset.regression and not cfg.backbone._target_.endswith("ConvRegressor"):
+        log.warning("%s on the regression data set %s: with many flattened features the inner SGD on MSE can "
+                    "diverge at algo.inner_lr=%s (Conv4 at 64x64 does); the official regression rows use "
+                    "backbone=conv_regressor", cfg.backbone._target_.rsplit(".", 1)[-1], dataset.name,
+                    cfg.algo.get("inner_lr"))
     backbone_extras = {}
     if cfg.backbone.get("output_activation") == "auto":
         backbone_extras["output_activation"] = dataset.output_activation

@@ -98,3 +98,10 @@ def test_kanji_pose_builds_and_runs(tmp_path, monkeypatch):
                          "task.queries=4", "trainer.steps=3"))
     pipeline.run(cfg, tmp_path / "run")
     assert math.isfinite(_results(tmp_path / "run")["test/mse"])
+
+
+def test_conv4_on_regression_warns_about_inner_loop_divergence(regression_dir, caplog):
+    cfg = make_cfg(*fast("dataset=pascal1d", f"data_dir={regression_dir}", "backbone=conv4"))
+    with caplog.at_level("WARNING", logger="simt.pipeline"):
+        pipeline.build(cfg)
+    assert "backbone=conv_regressor" in caplog.text
