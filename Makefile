@@ -4,9 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+PRESET ?= cpu
+DATASET ?=
+DATA_DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all clean
+.PHONY: help install run test test-all reproduce-table clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,6 +32,9 @@ test: $(STAMP)  ## the default test suite (fast: no `slow` or `gpu` tests)
 test-all: $(STAMP)  ## every CPU test, `slow` included
 	$(PY) -m pytest -q -m "not gpu" $(ARGS)
 
-clean:  ## remove run outputs and caches (keeps .venv and the kanji cache)
+reproduce-table: $(STAMP)  ## baseline vs SiMT table (PRESET=cpu|paper|smoke, DATASET=..., DATA_DIR=...; re-runs skip finished runs)
+	$(PY) -m simt.reproduce --preset $(PRESET) $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+clean:  ## remove run outputs and caches (keeps .venv, the kanji cache, studies/ and results/)
 	rm -rf outputs multirun .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,10 +3,12 @@
     python run.py algo=maml simt.eta=0.995
     python run.py -m algo=maml,anil simt.enabled=true,false
 """
+import logging
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from simt import pipeline
@@ -26,6 +28,9 @@ def main(cfg: DictConfig) -> float:
     try:
         return pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # let the sweeper record this job as failed
+            logging.getLogger("run").error("error: %s", error)
+            raise
         fail(error)
 
 

@@ -2,6 +2,7 @@
 
 Nothing else in the package reads the config; everything else takes plain objects and numbers.
 """
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from simt import checkpoint
+from simt.algorithms.engines import ENGINES
 from simt.algorithms.maml import ADAPT_SCOPES
 from simt.algorithms.metasgd import LR_SHAPES
 from simt.checkpoint import CheckpointError
@@ -24,6 +26,7 @@ from simt.data.safe_pickle import DataError
 from simt.data import FewShotDataset
 from simt.evaluator import evaluate, summarize
 from simt.momentum import MomentumTarget
+from simt.sweeping import trial_reporter
 from simt.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ RULES = {
     "algo.first_order": (lambda v: isinstance(v, bool), "true or false"),
     "algo.adapt_scope": (lambda v: v in ADAPT_SCOPES, f"one of {', '.join(ADAPT_SCOPES)}"),
     "algo.lr_shape": (lambda v: v in LR_SHAPES, f"one of {', '.join(LR_SHAPES)}"),
+    "algo.engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
     "dataset.instances": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "dataset.image_size": (lambda v: _is_int(v) and v >= 16, "an integer >= 16 (Conv4 max-pools 4 times)"),
     "backbone.hidden": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -105,6 +109,13 @@ def check_config(cfg: DictConfig) -> None:
         per_class = cfg.dataset.get("instances") or cfg.dataset.get("samples_per_object")
         _check_task_fits(cfg, dict(cfg.dataset.split_classes), per_class, cfg.dataset._target_.split(".")[-2],
                          regression="samples_per_object" in cfg.dataset)
+
+
+def objective_direction(cfg: DictConfig) -> str:
+    """What a sweep does with run()'s objective: regression errors are minimised, accuracies maximised.
+    Known from the config alone, so a study can be created before its first trial."""
+    regression = cfg.dataset._target_.startswith("simt.data.regression.")
+    return "minimize" if regression else "maximize"
 
 
 def train_ways(cfg: DictConfig) -> int:
@@ -288,6 +299,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         return evaluate_saved(cfg, run_dir)
     started, run_dir = time.time(), Path(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    finished = _finished_results(run_dir, resolved) if cfg.trainer.resume else None
+    if finished:
+        log.info("%s already finished with this config (hash %s): nothing to do", run_dir, finished["config_hash"])
+        return float(finished["objective"])
     last = run_dir / checkpoint.LAST
     payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
     if payload:
@@ -312,7 +327,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     trainer = Trainer(exp.learner, exp.target, optimizer, sampler, score_validation, run_dir,
                       steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
                       eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
-                      device=exp.device, metric=exp.dataset.metric, writer=writer, progress=_progress(cfg), config=resolved)
+                      device=exp.device, metric=exp.dataset.metric, writer=writer, progress=_progress(cfg), config=resolved,
+                      on_validation=trial_reporter())
     if payload:
         trainer.resume(payload)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
@@ -329,7 +345,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                "objective": state.best_value,
                "objective_direction": "maximize" if exp.dataset.metric.higher_is_better else "minimize",
                "steps": state.step, "wall_time_s": time.time() - started,
-               "config": resolved, "test_episodes": test["test_episodes"]}
+               "config": resolved, "config_hash": config_hash(resolved), "test_episodes": test["test_episodes"]}
     _write_json(results, run_dir / "results.json")
     name = exp.test_dataset.metric.name
     log.info("test %s %s %.3f ± %.3f (student %.3f, %d episodes); results in %s", test["reported_model"], name,
@@ -339,8 +355,36 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 # Keys a resumed run may change: how long to train and how to run it, not what is trained.
-RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress",
+RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress", "algo.engine",
                      "trainer.checkpoint_every", "trainer.eval_tasks", "mode", "checkpoint"}
+
+
+# Keys that change how a run is carried out but not what it computes: left out of the config hash.
+MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.checkpoint_every", "algo.engine",
+             "mode", "checkpoint", "data_dir"}
+
+
+def config_hash(resolved: dict) -> str:
+    """A short fingerprint of what a run computes, so a grid re-run can tell finished cells (results.json)."""
+    flat = {key: value for key, value in _flatten(resolved).items() if key not in MECHANICS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _finished_results(run_dir: Path, resolved: dict) -> dict | None:
+    """The run's results.json if it was written by a run of this very config (trainer.resume=true re-runs)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return results if results.get("config_hash") == config_hash(resolved) else None
 
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
@@ -388,4 +432,4 @@ def _write_json(payload: dict, path: Path) -> None:
 
 
 __all__ = ["BuildError", "CheckpointError", "ConfigError", "DataError", "NonFiniteError", "OverrideError", "build", "check_config",
-           "check_overrides", "run", "train_ways"]
+           "check_overrides", "config_hash", "objective_direction", "run", "train_ways"]

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from simt import checkpoint
+from simt.algorithms.engines import meta_batch_outputs
 from simt.data.tasks import TaskSampler
 from simt.evaluator import ACCURACY, Metric
 from simt.momentum import MomentumTarget
@@ -25,6 +26,8 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
                     metric: Metric = ACCURACY) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over tasks of the outer loss: L_task, or SiMT's (1-λ)·L_task + λ·D when a target is given.
 
+    The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
+    at once under vmap); the losses and statistics are computed from them here, the same for every engine.
     Returns the loss (with its graph) and plain-number statistics for logging.
     """
     theta = learner.meta_parameters()
@@ -32,12 +35,10 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
     stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.name: 0.0}
     if target is not None:
         stats[f"target_{metric.name}"] = 0.0
-    for task in tasks:
-        student_out = learner.student_outputs(theta, task)
+    for task, (student_out, teacher_out) in zip(tasks, meta_batch_outputs(learner, theta, target, tasks)):
         task_loss = learner.task_loss(student_out, task.query_y)
         loss = task_loss
         if target is not None:
-            teacher_out = learner.teacher_outputs(target.params, task)
             loss, distill = target.loss(task_loss, student_out, teacher_out)
             stats["distill_loss"] += distill.item() / len(tasks)
         total = total + loss / len(tasks)
@@ -70,8 +71,9 @@ class Trainer:
                  sampler: TaskSampler, score_validation: Callable[[int], dict[str, float]], run_dir: Path,
                  steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
                  device: torch.device, metric: Metric = ACCURACY, writer=None, progress: bool = False,
-                 config: dict | None = None):
+                 config: dict | None = None, on_validation: Callable[[int, float], None] | None = None):
         self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
+        self.on_validation = on_validation  # e.g. an Optuna trial's report; it may raise to stop the run
         self.score_validation, self.run_dir = score_validation, Path(run_dir)
         self.writer, self.progress = writer, progress
         self.steps, self.meta_batch_size, self.device = steps, meta_batch_size, device
@@ -131,6 +133,8 @@ class Trainer:
                                    self.run_dir / checkpoint.BEST)
         log.info("step %d  val %s  (best %.3f at step %s)", step,
                  "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()), self.state.best_value, self.state.best_step)
+        if self.on_validation is not None:
+            self.on_validation(step, value)
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:

@@ -5,7 +5,8 @@
 - `student_outputs(θ, task)`: query outputs for the outer loss (dropout on where SiMT puts it);
 - `teacher_outputs(θ_m, task)`: the momentum target's query outputs (no gradient);
 - `eval_outputs(θ, task)`: query outputs at meta-test time;
-- `task_loss(outputs, targets)`, `state_dict()` / `load_state_dict()`.
+- `task_loss(outputs, targets)`, `state_dict()` / `load_state_dict()`;
+- `engine`: how a meta-batch is run (`simt.algorithms.engines`), resolved from `algo.engine` when built.
 """
 from simt.algorithms.maml import GradientLearner
 from simt.algorithms.metasgd import MetaSGD

@@ -1,24 +1,29 @@
-"""Functional SGD on a params dict: the inner loop every gradient-based meta-learner shares."""
+"""Functional SGD on a params dict: the inner loop every gradient-based meta-learner shares.
+
+One step is θ' = θ - α ∘ ∇_θ L(θ). Three interchangeable implementations of that step exist, one per
+engine (simt.algorithms.engines); they differ in who computes the gradient (higher: and the update):
+
+- `sgd_step`: torch.autograd.grad, the reference (the per-task loop);
+- `func_sgd_step`: torch.func.grad, which also runs under torch.func.vmap (the batched engine);
+- `higher_sgd_step`: the `higher` library's differentiable SGD, an independent implementation.
+"""
 from collections.abc import Callable, Iterable
 
+import higher
 import torch
 
 Params = dict[str, torch.Tensor]
+LossOf = Callable[[Params], torch.Tensor]
+InnerStep = Callable[..., Params]  # (params, loss_of, keys, lrs, first_order) -> adapted params
 
 
-def sgd_step(params: Params, loss: torch.Tensor, keys: Iterable[str], lrs: float | Params,
-             first_order: bool) -> Params:
-    """θ' = θ - α ∘ ∇_θ L on `keys` (the other entries pass through unchanged).
+def descend(params: Params, grads: dict[str, torch.Tensor | None], lrs: float | Params) -> Params:
+    """θ - α ∘ g on the keys of `grads` (a None gradient leaves its entry unchanged); the rest passes through.
 
-    Second order (`first_order=False`) keeps the gradient in the graph (create_graph), so the outer loss
-    differentiates through it (MAML, Finn et al. 2017, eq. 1). First order treats ∇L as a constant.
     `lrs` is one float (MAML) or a dict of per-key tensors (MetaSGD's learned rates, differentiable).
     """
-    keys = list(keys)
-    grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=not first_order,
-                                allow_unused=True)
     updated = dict(params)
-    for key, grad in zip(keys, grads):
+    for key, grad in grads.items():
         if grad is None:  # the key does not influence the loss (e.g. a frozen branch)
             continue
         lr = lrs[key] if isinstance(lrs, dict) else lrs
@@ -26,19 +31,67 @@ def sgd_step(params: Params, loss: torch.Tensor, keys: Iterable[str], lrs: float
     return updated
 
 
-def adapt(loss_of: Callable[[Params], torch.Tensor], params: Params, keys: Iterable[str], steps: int,
-          lrs: float | Params, first_order: bool) -> Params:
+def sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Params, first_order: bool) -> Params:
+    """One SGD step of `loss_of` on `keys`, gradient by torch.autograd.grad.
+
+    Second order (`first_order=False`) keeps the gradient in the graph (create_graph), so the outer loss
+    differentiates through it (MAML, Finn et al. 2017, eq. 1). First order treats ∇L as a constant.
+    """
+    params = _requiring_grad(params, keys)
+    grads = torch.autograd.grad(loss_of(params), [params[k] for k in keys], create_graph=not first_order,
+                                allow_unused=True)
+    return descend(params, dict(zip(keys, grads)), lrs)
+
+
+def func_sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Params,
+                  first_order: bool) -> Params:
+    """`sgd_step` with the gradient by torch.func.grad, which composes with vmap (autograd.grad does not).
+
+    torch.func.grad's result stays differentiable by the outer autograd (second order for free); first
+    order detaches it. A key that does not influence the loss gets a zero gradient here (None in
+    sgd_step): the same update.
+    """
+    grads = torch.func.grad(lambda adapted: loss_of({**params, **adapted}))({k: params[k] for k in keys})
+    if first_order:
+        grads = {key: grad.detach() for key, grad in grads.items()}
+    return descend(params, grads, lrs)
+
+
+def higher_sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Params,
+                    first_order: bool) -> Params:
+    """`sgd_step` done by higher's DifferentiableSGD (gradient and update), with one parameter group per key
+    so that MetaSGD's rates are passed as per-group, differentiable learning rates.
+
+    higher's own first-order switch (track_higher_grads=False) would detach the adapted weights from θ
+    altogether (no meta-gradient at all); FOMAML's "gradient as a constant" is a detaching grad_callback.
+    """
+    params = _requiring_grad(params, keys)
+    placeholders = [torch.empty(0, requires_grad=True) for _ in keys]  # higher needs an optimizer to copy
+    optimizer = torch.optim.SGD([{"params": [p]} for p in placeholders], lr=1.0)
+    rates = [lrs[k] if isinstance(lrs, dict) else lrs for k in keys]
+    differentiable = higher.optim.get_diff_optim(optimizer, placeholders, override={"lr": rates})
+    detach = (lambda grads: [None if g is None else g.detach() for g in grads]) if first_order else None
+    stepped = differentiable.step(loss_of(params), params=[params[k] for k in keys], grad_callback=detach)
+    return {**params, **dict(zip(keys, stepped))}
+
+
+def _requiring_grad(params: Params, keys: list[str]) -> Params:
+    """autograd differentiates only tensors that require grad. The momentum target's never do (it is never
+    trained), so they become fresh leaves; nothing flows back into them. (torch.func.grad needs no such
+    step, and could not take it under vmap.)"""
+    return {**params, **{key: params[key].detach().requires_grad_() for key in keys
+                         if not params[key].requires_grad}}
+
+
+def adapt(loss_of: LossOf, params: Params, keys: Iterable[str], steps: int, lrs: float | Params,
+          first_order: bool, step: InnerStep = sgd_step) -> Params:
     """Run `steps` SGD steps of `loss_of(params)` (the support loss) on `keys`; zero steps is the identity.
 
-    Entries that do not require grad (the momentum target's, which is never trained) are turned into fresh
-    leaves first so the inner gradient exists; nothing flows back into them.
+    `step` is one of the implementations above (the engine's choice).
     """
     keys = list(keys)
     params = dict(params)
-    for key in keys:
-        if not params[key].requires_grad:
-            params[key] = params[key].detach().requires_grad_()
     with torch.enable_grad():  # evaluation runs under no_grad, but adaptation needs the support gradient
         for _ in range(steps):
-            params = sgd_step(params, loss_of(params), keys, lrs, first_order)
+            params = step(params, loss_of, keys, lrs, first_order)
     return params

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from simt.algorithms.engines import INNER_STEPS, resolve_engine
 from simt.algorithms.inner_loop import Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
@@ -42,6 +43,8 @@ class GradientLearner:
         train_ways: ways of training episodes; None means task.ways (the head has one output per way,
             so gradient learners must train and test with the same ways).
         loss_fn: the task loss on (outputs, targets); cross-entropy for classification.
+        engine: how a meta-batch is run and who computes inner gradients (simt.algorithms.engines):
+            loop | batched | higher | auto (resolved here, from the model's device).
     """
 
     embedding_model = False  # the backbone needs a head of `ways` outputs and transductive BatchNorm
@@ -49,12 +52,14 @@ class GradientLearner:
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  eval_inner_steps: int = 10, first_order: bool = False, adapt_scope: str = "all",
                  train_ways: int | None = None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 engine: str = "auto"):
         if adapt_scope not in ADAPT_SCOPES:
             raise ValueError(f"algo.adapt_scope={adapt_scope!r}: expected one of {', '.join(ADAPT_SCOPES)}")
         self.model = model.train()
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order, self.train_ways, self.task_loss = first_order, train_ways, loss_fn
+        self.engine = resolve_engine(engine, next(model.parameters()).device)
         norm_names = set() if getattr(model, "adapts_norm", False) else _norm_parameter_names(model)
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
                            and (adapt_scope == "all" or name.startswith("classifier."))]
@@ -96,7 +101,8 @@ class GradientLearner:
     def adapt(self, params: Params, task: Task, steps: int, first_order: bool) -> Params:
         set_dropout(self.model, False)  # the inner loop never sees dropout (official behaviour)
         support_loss = lambda p: self.task_loss(self._forward(p, task.support_x), task.support_y)  # noqa: E731
-        return adapt(support_loss, params, self.adapt_keys, steps, self.inner_lrs_of(params), first_order)
+        return adapt(support_loss, params, self.adapt_keys, steps, self.inner_lrs_of(params), first_order,
+                     step=INNER_STEPS[self.engine])
 
     def inner_lrs_of(self, params: Params) -> float | Params:
         return self.inner_lr

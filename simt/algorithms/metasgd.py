@@ -23,7 +23,7 @@ class MetaSGD(GradientLearner):
         params = dict(model.named_parameters())
         shape_of = (lambda p: p.shape) if lr_shape == "element" else (lambda p: ())
         self.inner_lrs = {key: torch.full(shape_of(params[key]), float(self.inner_lr), device=params[key].device,
-                                          requires_grad=True) for key in self.adapt_keys}
+                                          dtype=params[key].dtype, requires_grad=True) for key in self.adapt_keys}
 
     def meta_parameters(self) -> Params:
         return {**super().meta_parameters(), **{LR_PREFIX + k: v for k, v in self.inner_lrs.items()}}

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from simt.algorithms.engines import resolve_engine
 from simt.algorithms.inner_loop import Params
 from simt.data.tasks import Task
 from simt.models import set_dropout
@@ -29,12 +30,15 @@ class ProtoNet:
     Args:
         model: an embedding backbone (no head).
         train_ways: ways of training episodes (official: 20-way training, 5-way testing).
+        engine: how a meta-batch is run (simt.algorithms.engines); `batched` embeds all its tasks' images in
+            one pass (per-task BN statistics kept); no inner loop, so `higher` is the same as `loop`.
     """
 
     embedding_model = True
 
-    def __init__(self, model: nn.Module, train_ways: int | None = 20):
+    def __init__(self, model: nn.Module, train_ways: int | None = 20, engine: str = "auto"):
         self.model, self.train_ways = model.train(), train_ways
+        self.engine = resolve_engine(engine, next(model.parameters()).device)
 
     def meta_parameters(self) -> Params:
         return dict(self.model.named_parameters())

@@ -1,0 +1,258 @@
+"""Optuna's side of a sweep: storages, the claim lock, interrupted trials, samplers, pruners.
+
+Storage URLs: `sqlite:///path.db` (the default), `postgresql://user@host/db` (many machines, one study) and
+`journal:path.log` (Optuna's journal file: several processes on one machine, no database server).
+
+Why a lock: every sweep process draws trials until the study holds `n_trials` of them. Counting and then
+asking are two storage calls, so two processes finishing at the same moment could both see one trial
+missing and both ask; the lock (a file lock beside an SQLite or journal file, an advisory lock on
+PostgreSQL) makes count-then-ask atomic, so a study never gets more trials than asked for.
+
+Why owners and heartbeats: a sweep killed mid-trial leaves that trial RUNNING forever. Each claimed trial
+records its owner (host, pid) and a heartbeat refreshed while it runs; a later sweep marks a RUNNING trial
+FAIL (`interrupted`) when its owner process is gone from this host, or its heartbeat is older than
+STALE_AFTER_S (an owner on another machine). Interrupted trials do not count toward `n_trials`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 30          # how often a sweep refreshes the heartbeat of the trials it runs
+STALE_AFTER_S = 180       # a RUNNING trial silent this long belongs to a dead sweep
+OWNER, HEARTBEAT, INTERRUPTED, ERROR, RUN_DIR = ("simt:owner", "simt:heartbeat", "simt:interrupted",
+                                                 "simt:error", "simt:run_dir")
+PRUNER_ATTR = "simt:pruner"  # the study's pruner spec, so that jobs build the same pruner
+
+
+class SweepError(ValueError):
+    """A bad sweep setting or search space; the message is one line naming the key."""
+
+
+# -- storages ---------------------------------------------------------------------------------------
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:").removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Parallel jobs report intermediate values to one file: wait for SQLite's write lock, don't fail.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    raise SweepError(f"hydra.sweeper.storage={url!r}: expected sqlite:///PATH, postgresql://..., or journal:PATH")
+
+
+@contextlib.contextmanager
+def study_lock(url: str, name: str):
+    """Hold the lock named `name` for this storage (see the module docstring): a count-then-ask, or the
+    first creation of a study (concurrent creations of Optuna's tables collide on PostgreSQL)."""
+    if url.startswith(("sqlite:///", "journal:")):
+        path = Path(url.removeprefix("sqlite:///").removeprefix("journal:").removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.simt-lock", "a") as handle:  # not .lock: Optuna's journal lock file is named so
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif url.startswith("postgresql"):
+        from sqlalchemy import text
+        key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+        with _lock_engine(url).connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    else:  # another database: no portable lock, so a race may add a trial beyond n_trials
+        yield
+
+
+@functools.lru_cache
+def _lock_engine(url: str):
+    import sqlalchemy
+    return sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+
+
+# -- trials: claim, heartbeat, interruption ---------------------------------------------------------
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    return trial.state != TrialState.WAITING and not trial.user_attrs.get(INTERRUPTED)
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_abandoned(trial: FrozenTrial, now: float) -> bool:
+    owner = trial.user_attrs.get(OWNER) or {}
+    if owner.get("host") == socket.gethostname() and owner.get("pid") not in (None, os.getpid()):
+        return not _process_alive(owner["pid"])
+    beat = trial.user_attrs.get(HEARTBEAT) or (trial.datetime_start.timestamp() if trial.datetime_start else now)
+    return now - beat > STALE_AFTER_S
+
+
+def fail_interrupted(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials of dead sweeps FAIL (interrupted); returns their numbers."""
+    storage, now, failed = study._storage, time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _is_abandoned(trial, now):
+            continue
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                failed.append(trial.number)
+    if failed:
+        log.warning("trials %s were left RUNNING by a sweep that died: marked FAIL (interrupted), not counted",
+                    failed)
+    return failed
+
+
+def claim_trials(study: optuna.Study, url: str, n_trials: int, count: int, distributions: dict,
+                 sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> list:
+    """Ask up to `count` new trials, never letting the study exceed `n_trials` counted trials.
+
+    `sampler_for(k)` gives the sampler for the study's k-th trial: a seeded sampler re-seeded by k, so a
+    resumed sweep, or a second process, does not repeat the first trials' random draws (and one process
+    alone stays reproducible)."""
+    trials = []
+    with study_lock(url, study.study_name):
+        fail_interrupted(study)
+        existing = study.get_trials(deepcopy=False)
+        used = sum(counts_toward_budget(t) for t in existing)
+        for k in range(len(existing), len(existing) + max(0, min(count, n_trials - used))):
+            study.sampler = sampler_for(k)
+            trials.append(study.ask(distributions))
+    for trial in trials:
+        trial.set_user_attr(OWNER, _owner())
+        trial.set_user_attr(HEARTBEAT, time.time())
+    return trials
+
+
+class Heartbeat:
+    """Refresh the heartbeat of the trials this process runs, from a daemon thread."""
+
+    def __init__(self, study: optuna.Study, interval: float = HEARTBEAT_S):
+        self.study, self.interval, self.trial_ids = study, interval, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for trial_id in list(self.trial_ids):
+                with contextlib.suppress(Exception):  # a finished trial or a busy database: try next time
+                    self.study._storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def fail_own_trials(study: optuna.Study, trial_ids) -> None:
+    """On Ctrl-C or SIGTERM: the trials this process was running will not finish; say so now."""
+    for trial_id in trial_ids:
+        with contextlib.suppress(Exception):
+            study._storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+# -- samplers and pruners ---------------------------------------------------------------------------
+
+def _split(spec, key: str) -> tuple[str, dict]:
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
+    if "name" not in spec:
+        raise SweepError(f"hydra.sweeper.{key}: expected a name (e.g. {key}=tpe) or a mapping with `name`")
+    return str(spec.pop("name")).lower(), spec
+
+
+def grid_space(distributions: dict) -> dict[str, list]:
+    """Every value of each searched key, for the grid sampler (intervals have no grid)."""
+    space = {}
+    for key, dist in distributions.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            space[key] = list(dist.choices)
+        elif getattr(dist, "step", None):
+            count = int(round((dist.high - dist.low) / dist.step)) + 1
+            space[key] = [dist.low + i * dist.step for i in range(count)]
+        else:
+            raise SweepError(f"{key}: the grid sampler needs choice(...) or range(...), not an interval")
+    return space
+
+
+def make_sampler(spec, distributions: dict) -> optuna.samplers.BaseSampler:
+    name, kwargs = _split(spec, "sampler")
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_space(distributions), **kwargs)
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                "cmaes": optuna.samplers.CmaEsSampler, "qmc": optuna.samplers.QMCSampler}
+    if name not in samplers:
+        raise SweepError(f"hydra.sweeper.sampler.name={name!r}: expected one of {', '.join([*samplers, 'grid'])}")
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401  Optuna's CMA-ES sampler needs the `cmaes` package
+        except ImportError:
+            raise SweepError("hydra.sweeper.sampler.name='cmaes': needs the cmaes package (pip install cmaes)") from None
+    return samplers[name](**kwargs)
+
+
+PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+           "hyperband": optuna.pruners.HyperbandPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+           "threshold": optuna.pruners.ThresholdPruner, "none": optuna.pruners.NopPruner}
+
+
+def make_pruner(spec) -> optuna.pruners.BasePruner:
+    name, kwargs = _split(spec if spec is not None else "none", "pruner")
+    if name not in PRUNERS:
+        raise SweepError(f"hydra.sweeper.pruner.name={name!r}: expected one of {', '.join(PRUNERS)}")
+    try:
+        return PRUNERS[name](**kwargs)
+    except TypeError as error:
+        raise SweepError(f"hydra.sweeper.pruner: {error}") from None
+
+
+# -- the job side -----------------------------------------------------------------------------------
+
+class TrialReporter:
+    """Report each validation value of a training job to its trial; raise TrialPruned when told to stop."""
+
+    def __init__(self, url: str, study_name: str, trial_id: int):
+        storage = open_storage(url)
+        pruner_spec = storage.get_study_user_attrs(storage.get_study_id_from_name(study_name)).get(PRUNER_ATTR)
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner_spec))
+        self.trial = optuna.Trial(study, trial_id)
+
+    def __call__(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            return  # Optuna would reject it; the trial fails on its final value instead
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (validation {value:.4g})")

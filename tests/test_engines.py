@@ -1,0 +1,287 @@
+"""Engines (algo.engine): the batched (vmap) and higher engines against the per-task loop.
+
+Same meta-gradient (float64, relative error <= 1e-6) and the same logged statistics for every algorithm,
+with and without SiMT, on Conv4 and a narrow ResNet-12; exact BatchNorm under vmap; per-task dropout
+masks; the config key. Tiny widths and 16x16 images keep the file fast on two CPU cores.
+"""
+import functools
+import json
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from simt import pipeline
+from simt.algorithms import GradientLearner, MetaSGD, ProtoNet
+from simt.algorithms.engines import meta_batch_outputs, resolve_engine
+from simt.algorithms.inner_loop import func_sgd_step, sgd_step
+from simt.data.tasks import Task
+from simt.data.regression import mse
+from simt.evaluator import Metric
+from simt.models import Conv4, ConvRegressor, ResNet12
+from simt.models.batch_norm import ExactBatchNorm2d, exact_batch_norm
+from simt.momentum import MomentumTarget
+from simt.trainer import meta_batch_loss
+from tests.conftest import fast, make_cfg, run_cli
+
+F64 = torch.float64
+ALGOS = {  # config name -> learner class and its constructor arguments
+    "maml": (GradientLearner, {}),
+    "fomaml": (GradientLearner, {"first_order": True}),
+    "anil": (GradientLearner, {"adapt_scope": "head"}),
+    "metasgd": (MetaSGD, {}),
+    "protonet": (ProtoNet, {}),
+}
+WAYS = 3
+
+
+def _tasks(count=2, shots=2, queries=2, seed=0, shuffle_labels=False) -> list[Task]:
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(count):
+        x = lambda n: torch.rand(WAYS * n, 1, 16, 16, generator=g, dtype=F64)  # noqa: E731
+        y = lambda n: torch.arange(WAYS).repeat_interleave(n)  # noqa: E731
+        support_y, query_y = y(shots), y(queries)
+        if shuffle_labels:  # labels that differ between tasks enter vmap batched
+            classes = torch.randperm(WAYS, generator=g)
+            support_y, query_y = classes[support_y], classes[query_y]
+        tasks.append(Task(x(shots), support_y, x(queries), query_y))
+    return tasks
+
+
+def _learner(algo: str, backbone: str, engine: str, drop_p: float = 0.0):
+    cls, kwargs = ALGOS[algo]
+    embedding = cls is ProtoNet
+    torch.manual_seed(0)
+    out = None if embedding else WAYS
+    if backbone == "conv4":
+        model = Conv4(1, 16, out, hidden=4, drop_p=drop_p, transductive_bn=not embedding)
+    else:
+        model = ResNet12(1, 16, out, widths=(2, 2, 2, 2), drop_p=drop_p, transductive_bn=not embedding)
+    gradient = {} if embedding else {"inner_lr": 0.1, "inner_steps": 2}
+    return cls(model.to(F64), engine=engine, **gradient, **kwargs)
+
+
+def _target(learner) -> MomentumTarget:
+    target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
+                            eta=0.9, lam=0.5, temp=4.0)
+    g = torch.Generator().manual_seed(1)
+    for key in target.keys:  # a target that differs from the student: distillation is not zero
+        target.params[key].add_(0.05 * torch.randn(target.params[key].shape, generator=g, dtype=F64))
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_step(algo: str, backbone: str, engine: str, simt: bool, shuffle_labels: bool = False):
+    """One meta-batch: flattened meta-gradient, logged statistics, BN buffers (student's and target's)."""
+    learner = _learner(algo, backbone, engine)
+    target = _target(learner) if simt else None
+    theta = learner.meta_parameters()
+    loss, stats = meta_batch_loss(learner, target, _tasks(shuffle_labels=shuffle_labels))
+    grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(theta.values(), grads)])
+    model_buffers = dict(learner.model.named_buffers())  # ProtoNet's running statistics; none in the MAML family
+    buffers = {f"student.{k}": v.clone() for k, v in model_buffers.items()}
+    if target is not None:
+        buffers.update({f"target.{k}": target.params[k].clone() for k in model_buffers})
+    return flat, stats, buffers
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("simt", [False, True], ids=["plain", "simt"])
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("engine", ["batched", "higher"])
+def test_engine_gives_the_loops_meta_gradient_and_statistics(engine, algo, backbone, simt):
+    reference, reference_stats, reference_buffers = _meta_step(algo, backbone, "loop", simt)
+    grads, stats, buffers = _meta_step(algo, backbone, engine, simt)
+    assert reference.norm() > 0
+    assert _relative_error(grads, reference) <= 1e-6
+    assert stats.keys() == reference_stats.keys()
+    for name, value in reference_stats.items():
+        assert stats[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    if simt:
+        assert reference_stats["distill_loss"] > 0
+    # ProtoNet's running BN statistics (student's and target's) move the same way in every engine.
+    assert buffers.keys() == reference_buffers.keys()
+    for name, value in reference_buffers.items():
+        torch.testing.assert_close(buffers[name], value, rtol=1e-9, atol=1e-12)
+    if algo == "protonet":  # the buffers did move
+        initial = dict(_learner(algo, backbone, "loop").model.named_buffers())
+        assert all(not torch.equal(reference_buffers[f"student.{k}"], v) for k, v in initial.items())
+
+
+def test_batched_engine_on_the_conv_regressor_with_mse():
+    """Regression: float targets differ per task (they enter vmap batched); D is the MSE to the teacher."""
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: torch.rand(n, 1, 16, 16, generator=g, dtype=F64)  # noqa: E731
+    targets = lambda n: torch.rand(n, 2, generator=g, dtype=F64) * 2 - 1  # noqa: E731  (cos, sin)-like
+    tasks = [Task(images(4), targets(4), images(6), targets(6)) for _ in range(2)]
+    metric = Metric(mse, "mse", higher_is_better=False)
+    results = {}
+    for engine in ("loop", "batched", "higher"):
+        torch.manual_seed(0)
+        model = ConvRegressor(1, 16, out_features=2, hidden=4, output_activation="tanh").to(F64)
+        learner = GradientLearner(model, inner_lr=0.1, inner_steps=2, loss_fn=F.mse_loss, engine=engine)
+        target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, {}, eta=0.9, lam=0.5, temp=4.0,
+                                distillation="mse")
+        for key in target.keys:
+            target.params[key].mul_(1.05)
+        loss, stats = meta_batch_loss(learner, target, tasks, metric)
+        grads = torch.autograd.grad(loss, list(learner.meta_parameters().values()))
+        results[engine] = torch.cat([grad.flatten() for grad in grads]), stats
+    reference, reference_stats = results["loop"]
+    for engine in ("batched", "higher"):
+        grads, stats = results[engine]
+        assert _relative_error(grads, reference) <= 1e-6
+        assert stats == pytest.approx(reference_stats, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["maml", "metasgd", "protonet"])
+def test_evaluation_outputs_agree_across_engines(algo):
+    """Validation and test adapt one task at a time with the engine's inner step (first order, 10 steps)."""
+    task = _tasks(count=1)[0]
+    outputs = {}
+    for engine in ("loop", "batched", "higher"):
+        learner = _learner(algo, "conv4", engine)
+        with torch.no_grad():  # as the evaluator calls it
+            outputs[engine] = learner.eval_outputs(learner.meta_parameters(), task)
+    for engine in ("batched", "higher"):
+        torch.testing.assert_close(outputs[engine], outputs["loop"], rtol=1e-9, atol=1e-12)
+
+
+def test_batched_engine_with_labels_that_differ_between_tasks():
+    reference, _, _ = _meta_step("maml", "conv4", "loop", True, shuffle_labels=True)
+    grads, _, _ = _meta_step("maml", "conv4", "batched", True, shuffle_labels=True)
+    assert _relative_error(grads, reference) <= 1e-6
+
+
+@pytest.mark.parametrize("engine,calls", [("loop", 2), ("batched", 1)])
+def test_batched_engine_runs_the_meta_batch_in_one_vmapped_call(engine, calls, monkeypatch):
+    learner = _learner("maml", "conv4", engine)
+    seen = []
+    original = learner.student_outputs
+    monkeypatch.setattr(learner, "student_outputs", lambda *args: seen.append(1) or original(*args))
+    meta_batch_loss(learner, None, _tasks(count=2))
+    assert len(seen) == calls
+
+
+def test_higher_engine_adapts_with_higher(monkeypatch):
+    steps = []
+    original = higher.optim.DifferentiableOptimizer.step
+    monkeypatch.setattr(higher.optim.DifferentiableOptimizer, "step",
+                        lambda self, *args, **kwargs: steps.append(1) or original(self, *args, **kwargs))
+    learner = _learner("maml", "conv4", "higher")
+    meta_batch_loss(learner, _target(learner), _tasks(count=2))
+    assert len(steps) == 2 * 2 * 2  # (student + teacher) x 2 tasks x 2 inner steps
+
+
+# -- exact BatchNorm ------------------------------------------------------------------------------
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    # No conv bias: BN cancels it, so its gradient is zero up to rounding and no use for a relative error.
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(3, momentum=1.0, track_running_stats=False))
+    with torch.no_grad():  # non-trivial affine parameters
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model.to(F64)
+
+
+def test_exact_batch_norm_under_vmap_equals_batchnorm_in_the_loop():
+    """Values and second-order meta-gradients of one inner SGD step through BN with batch statistics."""
+    model = _conv_bn()
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    support, query = (torch.randn(4, 5, 2, 6, 6, generator=g, dtype=F64) for _ in range(2))  # 4 tasks
+
+    def query_output(step, s, q):
+        loss_of = lambda p: functional_call(model, p, (s,)).sin().mean()  # noqa: E731
+        return functional_call(model, step(params, loss_of, list(params), 0.5, False), (q,))
+
+    loop = torch.stack([query_output(sgd_step, s, q) for s, q in zip(support, query)])
+    with exact_batch_norm(model):
+        batched = torch.func.vmap(functools.partial(query_output, func_sgd_step))(support, query)
+    torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(loop.shape, generator=g, dtype=F64)
+    loop_grads = torch.autograd.grad((loop * weights).sum(), list(params.values()))
+    batched_grads = torch.autograd.grad((batched * weights).sum(), list(params.values()))
+    for got, expected in zip(batched_grads, loop_grads):
+        assert _relative_error(got, expected) <= 1e-9
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_exact_batch_norm_running_statistics_follow_the_loops_updates(momentum):
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(3, 4, 2, 5, 5, generator=g, dtype=F64) * 2 + 1 for _ in range(2))  # 3 tasks
+    loop, batched = (nn.BatchNorm2d(2, momentum=momentum).to(F64) for _ in range(2))
+    for a, b in zip(first, second):  # two passes per task, as ProtoNet's support and query passes
+        loop(a), loop(b)
+    with exact_batch_norm(batched) as statistics:
+        _, values = torch.func.vmap(lambda a, b: ((batched(a), batched(b)), statistics.values))(first, second)
+        statistics.apply(values)
+    for name, value in loop.named_buffers():
+        torch.testing.assert_close(dict(batched.named_buffers())[name], value, rtol=1e-12, atol=1e-14)
+    assert int(batched.num_batches_tracked) == 6
+
+
+def test_exact_batch_norm_swap_is_undone_even_on_error():
+    model = _conv_bn()
+    with pytest.raises(RuntimeError, match="boom"):
+        with exact_batch_norm(model):
+            assert type(model[1]) is ExactBatchNorm2d
+            raise RuntimeError("boom")
+    assert type(model[1]) is nn.BatchNorm2d
+    assert not hasattr(model[1], "running_statistics")
+
+
+# -- dropout under vmap ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_batched_dropout_draws_a_different_mask_for_every_task(algo):
+    same = _tasks(count=1) * 3  # three copies of one task: only dropout can tell them apart
+    with_dropout = _learner(algo, "conv4", "batched", drop_p=0.5)
+    students = [student for student, _ in meta_batch_outputs(with_dropout, with_dropout.meta_parameters(), None, same)]
+    assert not torch.allclose(students[0], students[1]) and not torch.allclose(students[1], students[2])
+    without = _learner(algo, "conv4", "batched")
+    students = [student for student, _ in meta_batch_outputs(without, without.meta_parameters(), None, same)]
+    torch.testing.assert_close(students[0], students[1], rtol=1e-12, atol=1e-12)
+
+
+# -- shapes, configuration, end to end ------------------------------------------------------------
+
+def test_batched_engine_needs_tasks_of_one_shape():
+    learner = _learner("maml", "conv4", "batched")
+    tasks = [_tasks(count=1, queries=2)[0], _tasks(count=1, queries=3)[0]]
+    with pytest.raises(ValueError, match=r"algo.engine=batched: the tasks of a meta-batch must have equal shapes"):
+        meta_batch_loss(learner, None, tasks)
+
+
+def test_auto_is_the_loop_on_cpu_and_batched_on_cuda():
+    assert resolve_engine("auto", torch.device("cpu")) == "loop"
+    assert resolve_engine("auto", torch.device("cuda")) == "batched"
+    assert resolve_engine("higher", torch.device("cuda")) == "higher"
+    assert pipeline.build(make_cfg(*fast("trainer.device=cpu"))).learner.engine == "loop"
+    assert pipeline.build(make_cfg(*fast("algo=protonet", "algo.engine=batched"))).learner.engine == "batched"
+
+
+def test_invalid_engine_is_a_one_line_config_error():
+    with pytest.raises(pipeline.ConfigError) as error:
+        pipeline.check_config(make_cfg(*fast("algo.engine=gpu")))
+    assert str(error.value) == "algo.engine='gpu': expected one of auto, loop, batched, higher"
+    with pytest.raises(ValueError, match="algo.engine='gpu': expected one of auto, loop, batched, higher"):
+        _learner("maml", "conv4", "gpu")
+
+
+def test_cli_trains_with_the_batched_engine(tmp_path):
+    result = run_cli(*fast("algo.engine=batched", "simt.drop_p=0.2", f"hydra.run.dir={tmp_path}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["algo"]["engine"] == "batched" and results["config"]["simt"]["enabled"]
