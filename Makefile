@@ -9,7 +9,7 @@ DATASET ?=
 DATA_DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all reproduce-table clean
+.PHONY: help install run test test-all reproduce-table bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-all: $(STAMP)  ## every CPU test, `slow` included
 
 reproduce-table: $(STAMP)  ## baseline vs SiMT table (PRESET=cpu|paper|smoke, DATASET=..., DATA_DIR=...; re-runs skip finished runs)
 	$(PY) -m simt.reproduce --preset $(PRESET) $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+bench: $(STAMP)  ## time a meta-step per engine vs an official-style loop (benchmarks/README.md); ARGS="--quick", "--device cuda", ...
+	$(PY) -m benchmarks.bench $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv, the kanji cache, studies/ and results/)
 	rm -rf outputs multirun .pytest_cache

@@ -291,8 +291,10 @@ def _published(cell: Cell, published: dict) -> list[Published | None]:
 
 # -- table.md -----------------------------------------------------------------------------------------
 
-def _fmt(x: float, sign: bool = False) -> str:
-    text = f"{x:+.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:+.2g}"   # tiny regression errors keep 2 digits
+def _fmt(x: float, sign: bool = False, scale: float = 0.0) -> str:
+    """Two decimals; values that are tiny on their own scale (`scale`: e.g. the CI beside them), such as
+    small regression errors, keep two significant digits instead."""
+    text = f"{x:+.2f}" if max(abs(x), scale) >= 0.1 or x == 0 else f"{x:+.2g}"
     return text if sign else text.lstrip("+")
 
 
@@ -306,7 +308,8 @@ def _gain_text(cell: Cell) -> str:
     if cell.gain is None:
         return "n/a (no seed finished in both arms)"
     low, high = cell.gain - cell.gain_ci95, cell.gain + cell.gain_ci95
-    text = f"{_fmt(cell.gain, True)} [{_fmt(low, True)}, {_fmt(high, True)}]" + "*" * cell.significant
+    text = (f"{_fmt(cell.gain, True, cell.gain_ci95)} [{_fmt(low, True, cell.gain_ci95)}, "
+            f"{_fmt(high, True, cell.gain_ci95)}]") + "*" * cell.significant
     if len(cell.paired_seeds) < max(len(cell.baseline.seeds), len(cell.simt.seeds)):
         text += f" (seeds {','.join(map(str, cell.paired_seeds))})"  # fewer seeds than the arms' means
     return text

@@ -175,3 +175,33 @@ def test_a_torn_checkpoint_is_reported_with_its_path(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'last.pt'}: unreadable"):
         checkpoint.load(tmp_path / "last.pt")
+
+
+def test_validation_hook_sees_every_validation_and_can_stop_the_run(monkeypatch, tmp_path):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def hook(step, value):
+        seen.append((step, value))
+        if step == 2:
+            raise Stop  # what a pruned Optuna trial does
+
+    monkeypatch.setattr(pipeline, "trial_reporter", lambda: hook)
+    with pytest.raises(Stop):
+        pipeline.run(make_cfg(*fast("trainer.steps=6")), tmp_path)
+    assert [step for step, _ in seen] == [2] and math.isfinite(seen[0][1])
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_finished_run_is_skipped_only_when_its_config_is_unchanged(tmp_path):
+    cfg = make_cfg(*fast(), "trainer.resume=true")
+    pipeline.run(cfg, tmp_path)
+    results = tmp_path / "results.json"
+    written = results.stat().st_mtime_ns
+    assert pipeline.run(make_cfg(*fast(), "trainer.resume=true", "trainer.threads=2"), tmp_path) == \
+        _results(tmp_path)["objective"]
+    assert results.stat().st_mtime_ns == written  # mechanics (threads) are not part of the config hash
+    pipeline.run(make_cfg(*fast(), "trainer.resume=true", "trainer.steps=6"), tmp_path)  # longer: extends the run
+    assert results.stat().st_mtime_ns != written and _results(tmp_path)["steps"] == 6

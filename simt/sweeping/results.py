@@ -9,6 +9,7 @@ import csv
 import logging
 import os
 import shlex
+import textwrap
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -95,8 +96,8 @@ def plot_study(study: optuna.Study, out_dir: Path) -> None:
         running = t.value if running is None else (max if maximize else min)(running, t.value)
         best.append((t.number, running))
     ax.step(*zip(*best), where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel=f"objective ({'higher' if maximize else 'lower'} is better)",
-           title=f"optimization history: {study.study_name}")
+    ax.set(xlabel="trial", ylabel=f"objective ({'higher' if maximize else 'lower'} is better)")
+    ax.set_title(textwrap.fill(f"optimization history: {study.study_name}", 70), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "optimization_history.png", dpi=120)
@@ -112,7 +113,7 @@ def plot_study(study: optuna.Study, out_dir: Path) -> None:
             ax.set(xlabel=name)
         axes[0][0].set_ylabel("objective")
         fig.colorbar(dots, ax=axes[0].tolist(), label="trial")
-        fig.savefig(out_dir / "slice.png", dpi=120)
+        fig.savefig(out_dir / "slice.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
 
     # PED-ANOVA needs no scikit-learn; with too few trials it warns and returns equal importances,

@@ -187,7 +187,8 @@ def fail_own_trials(study: optuna.Study, trial_ids) -> None:
 
 # -- samplers and pruners ---------------------------------------------------------------------------
 
-def _split(spec, key: str) -> tuple[str, dict]:
+def split_spec(spec, key: str) -> tuple[str, dict]:
+    """`tpe` or `{name: tpe, seed: 0}` -> ("tpe", {"seed": 0})."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
     if "name" not in spec:
         raise SweepError(f"hydra.sweeper.{key}: expected a name (e.g. {key}=tpe) or a mapping with `name`")
@@ -209,7 +210,7 @@ def grid_space(distributions: dict) -> dict[str, list]:
 
 
 def make_sampler(spec, distributions: dict) -> optuna.samplers.BaseSampler:
-    name, kwargs = _split(spec, "sampler")
+    name, kwargs = split_spec(spec, "sampler")
     if name == "grid":
         return optuna.samplers.GridSampler(grid_space(distributions), **kwargs)
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
@@ -230,7 +231,7 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.P
 
 
 def make_pruner(spec) -> optuna.pruners.BasePruner:
-    name, kwargs = _split(spec if spec is not None else "none", "pruner")
+    name, kwargs = split_spec(spec if spec is not None else "none", "pruner")
     if name not in PRUNERS:
         raise SweepError(f"hydra.sweeper.pruner.name={name!r}: expected one of {', '.join(PRUNERS)}")
     try:

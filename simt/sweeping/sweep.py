@@ -27,7 +27,7 @@ from simt.sweeping import STORAGE_ENV, STUDY_ENV, TRIAL_ID_ENV
 from simt.sweeping.results import write_results
 from simt.sweeping.study import (ERROR, PRUNER_ATTR, RUN_DIR, Heartbeat, SweepError, claim_trials,
                                  counts_toward_budget, fail_interrupted, fail_own_trials, grid_space, make_pruner,
-                                 make_sampler, open_storage, study_lock)
+                                 make_sampler, open_storage, split_spec, study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def run_sweep(sweeper, arguments: list[str]) -> None:
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    if _split_name(settings["sampler"]) == "grid":  # a grid has a natural size: stop when it is covered
+    if split_spec(settings["sampler"], "sampler")[0] == "grid":  # a grid has a natural size: stop when it is covered
         settings["n_trials"] = min(settings["n_trials"], math.prod(map(len, grid_space(space.distributions).values())))
     n_jobs = settings["n_jobs"] or OmegaConf.select(config, "hydra.launcher.n_jobs", default=None) or 1
     n_jobs = max(1, int(n_jobs))
@@ -187,16 +187,12 @@ def run_sweep(sweeper, arguments: list[str]) -> None:
         sys.exit(1)
 
 
-def _split_name(spec) -> str:
-    return str(spec if isinstance(spec, str) else (spec or {}).get("name", "")).lower()
-
-
 def reseeded(spec, offset: int):
     """The sampler spec with its seed (if any) moved on by `offset`."""
-    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    if spec.get("seed") is not None:
-        spec["seed"] = int(spec["seed"]) + offset
-    return spec
+    name, kwargs = split_spec(spec, "sampler")
+    if kwargs.get("seed") is not None:
+        kwargs["seed"] = int(kwargs["seed"]) + offset
+    return {"name": name, **kwargs}
 
 
 def sweeps_dir_of(config) -> Path:

@@ -1,0 +1,515 @@
+"""`make bench`: how fast a meta-training step is, engine by engine, against an official-style baseline.
+
+Run from the repository root as a module:
+
+    python -m benchmarks.bench                 # full sizes (see README.md: long on a CPU)
+    python -m benchmarks.bench --quick         # tiny sizes, seconds; what the test suite runs
+    python -m benchmarks.bench --device cuda   # cpu | cuda | auto (default: CUDA when there is one)
+
+For every setting (backbone, image size, shots), algorithm (MAML second order, ProtoNet), with and
+without SiMT, and engine (`loop`, `batched`, `higher`, and `official`: the official-style per-task loop
+of benchmarks/official.py), one meta-step is the trainer's: sample the meta-batch, copy it to the
+device, outer loss, backward, Adam step, momentum update. Reported per row: the median time over warm
+repeats, the peak memory of one step, FLOPs per step and the fraction of a measured matmul peak they
+reach, and the speed ratio against the official-style row (official ms / engine ms: > 1 is faster).
+Two more tables time test-time evaluation (per 2,000 tasks) and task sampling (in-memory TaskSampler
+against per-image PNG decoding). The tables are printed and written to benchmarks/results/.
+"""
+import argparse
+import copy
+import ctypes
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.official import OfficialMAML, OfficialProtoNet, PngEpisodes, PngImages
+from simt import pipeline
+from simt.data.synthetic import synthetic
+from simt.data.tasks import TaskSampler
+from simt.evaluator import accuracy, evaluate
+from simt.trainer import meta_batch_loss
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ENGINES = ("official", "loop", "batched", "higher")  # official first: every ratio refers to it
+ALGOS = ("maml", "protonet")
+EVAL_TASKS = 2000  # the evaluation table reports time per this many test tasks
+SPLIT_CLASSES = "{train:10,val:5,test:10}"  # enough classes for 5-way episodes; small, so builds are quick
+COLUMNS = ("setting", "algo", "SiMT", "engine", "n", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s",
+           "% matmul peak", "vs official")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row group of the table: a backbone on one image shape and episode shape."""
+
+    backbone: str  # conv4 | resnet12
+    image_size: int
+    channels: int
+    shots: int
+    algos: tuple[str, ...] = ALGOS
+    ways: int = 5
+    queries: int = 15
+    meta_batch: int = 4
+    inner_steps: int = 5  # second order while training
+    eval_inner_steps: int = 10  # first order at test time
+    width: int | None = None  # None: the official widths; --quick narrows every layer to this
+
+    @property
+    def label(self) -> str:
+        size = f"{self.image_size}x{self.image_size}x{self.channels}"
+        return f"{self.backbone} {size} {self.ways}w{self.shots}s"
+
+
+FULL = (  # the settings of the paper's tables (synthetic images of their shape)
+    Setting("conv4", 28, 1, shots=1),
+    Setting("conv4", 28, 1, shots=5),
+    Setting("conv4", 84, 3, shots=1),
+    Setting("conv4", 84, 3, shots=5),
+    # The MAML-family ResNet-12 (widths 64-128-256-512, meta-BatchNorm): its ProtoNet flavour is another network.
+    Setting("resnet12", 84, 3, shots=1, algos=("maml",)),
+)
+TINY = dict(queries=3, meta_batch=2, inner_steps=1, eval_inner_steps=2, width=8)
+QUICK = (  # seconds in all: every code path (1 and 3 channels, both algorithms, every engine), tiny sizes
+    Setting("conv4", 28, 1, shots=1, **TINY),
+    Setting("conv4", 32, 3, shots=1, **TINY),
+    Setting("resnet12", 32, 3, shots=1, algos=("maml",), **TINY),
+)
+
+
+def settings(quick: bool, device: torch.device) -> list[Setting]:
+    """The settings run. ResNet-12 steps are slow on a CPU: there it runs only in the full mode."""
+    chosen = QUICK if quick else FULL
+    return [s for s in chosen if not (quick and device.type == "cpu" and s.backbone == "resnet12")]
+
+
+# -- building what is measured ---------------------------------------------------------------------
+
+def compose_config(setting: Setting, algo: str, simt: bool, device: torch.device, threads: int) -> DictConfig:
+    """The run config of one row group (engine `loop`), as `python run.py <overrides>` would compose it, on
+    synthetic data of the setting's image shape."""
+    overrides = [
+        "dataset=synthetic", f"dataset.image_size={setting.image_size}", f"dataset.channels={setting.channels}",
+        f"dataset.instances={max(20, setting.shots + setting.queries)}", f"dataset.split_classes={SPLIT_CLASSES}",
+        f"backbone={setting.backbone}", f"algo={algo}", "algo.engine=loop", f"simt.enabled={str(simt).lower()}",
+        f"task.ways={setting.ways}", f"task.shots={setting.shots}", f"task.queries={setting.queries}",
+        f"task.meta_batch_size={setting.meta_batch}", f"trainer.device={device}", f"trainer.threads={threads}",
+    ]
+    if algo == "maml":
+        overrides += [f"algo.inner_steps={setting.inner_steps}", f"algo.eval_inner_steps={setting.eval_inner_steps}"]
+    else:
+        overrides += ["algo.train_ways=null"]  # 5-way training episodes like every other row (official: 20-way)
+    if setting.width is not None:
+        overrides += [f"backbone.hidden={setting.width}" if setting.backbone == "conv4"
+                      else f"backbone.widths=[{','.join([str(setting.width)] * 4)}]"]
+    with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    pipeline.check_config(cfg)
+    return cfg
+
+
+def build(cfg: DictConfig, engine: str):
+    """The learner and momentum target exactly as `run.py` builds them (pipeline.build), with `algo.engine`
+    set to `engine`. Every engine gets the same initial weights (the config's seed)."""
+    return pipeline.build(OmegaConf.merge(cfg, {"algo": {"engine": engine}}))
+
+
+def engine_step(exp, cfg, setting: Setting) -> Callable[[], None]:
+    """One training step as simt.trainer.Trainer.fit runs it (without its logging and finiteness checks)."""
+    learner, target, device = exp.learner, exp.target, exp.device
+    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.trainer.lr)
+    sampler = exp.dataset.split("train").sampler(setting.ways, setting.shots, setting.queries, seed=cfg.seed)
+
+    def step():
+        tasks = [sampler.sample().to(device) for _ in range(setting.meta_batch)]
+        loss, _ = meta_batch_loss(learner, target, tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if target is not None:
+            target.update(learner.meta_parameters())
+    return step
+
+
+def official_learner(exp, cfg, algo: str):
+    """The official-style learner on a copy of our freshly built network (same initial weights)."""
+    model = copy.deepcopy(exp.learner.model)
+    momentum = None
+    if exp.target is not None:
+        momentum = {"eta": exp.target.eta, "lam": exp.target.lam, "temp": exp.target.temp}
+    if algo == "maml":
+        learner = exp.learner
+        return OfficialMAML(model, learner.inner_lr, learner.inner_steps, learner.eval_inner_steps,
+                            lr=cfg.trainer.lr, momentum=momentum)
+    return OfficialProtoNet(model, lr=cfg.trainer.lr, momentum=momentum)
+
+
+def official_step(exp, cfg, setting: Setting, algo: str, png: PngImages) -> Callable[[], None]:
+    learner = official_learner(exp, cfg, algo)
+    episodes = PngEpisodes(png, setting.ways, setting.shots, setting.queries, seed=cfg.seed)
+
+    def step():
+        learner.meta_step([episodes.sample().to(exp.device) for _ in range(setting.meta_batch)])
+    return step
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: a timer must wait for them
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds `fn` takes, device work included."""
+    synchronize(device)
+    started = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):  # first calls pay for allocator growth, kernel selection, lazy imports
+        step()
+    return statistics.median(timed(step, device) for _ in range(repeats))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap back to the OS (glibc), so that the next step's growth in RSS is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+CPU_MEMORY_METHOD = ("peak resident-set growth during one extra step over the RSS just before it, sampled "
+                     "every 1 ms from /proc/self/statm after malloc_trim(0) (torch's CPU allocator is invisible "
+                     "to tracemalloc); without /proc, the growth of getrusage's ru_maxrss high-water mark")
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated during one extra step, minus what was allocated before it"
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak extra memory of one step (weights, optimizer state and data already resident are not counted).
+
+    Measured in a step of its own, outside the timed ones: on CPU a sampling thread competes for the GIL.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    gc.collect()
+    _release_free_heap()
+    if not os.path.exists("/proc/self/statm"):
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * unit / 2**20
+    before, peak, done = _resident_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _resident_bytes())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        step()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, max(peak[0], _resident_bytes()) - before) / 2**20
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one step as FlopCounterMode counts them: convolutions and matrix products, forward and
+    every backward (double backward included); element-wise work is not counted."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(device: torch.device, quick: bool) -> tuple[float, int]:
+    """FLOP/s of a large float32 matrix product on `device`: the yardstick for the % column."""
+    n = 8192 if device.type == "cuda" else (1024 if quick else 2048)
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    seconds = median_seconds(lambda: a @ b, device, warmup=2, repeats=3 if quick else 5)
+    return 2 * n**3 / seconds, n
+
+
+# -- the three tables ------------------------------------------------------------------------------
+
+def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -> list[dict]:
+    """Every (algo, SiMT, engine) of one setting."""
+    repeats = args.repeats if args.repeats else (1 if device.type == "cpu" and setting.backbone == "resnet12"
+                                                 else (3 if device.type == "cpu" else 10))
+    png = None
+    rows = []
+    for algo in setting.algos:
+        for simt in (False, True):
+            cfg = compose_config(setting, algo, simt, device, args.threads)
+            seconds, memory, flops = {}, {}, None
+            for engine in ENGINES:
+                exp = build(cfg, "loop" if engine == "official" else engine)
+                if engine == "official":
+                    if png is None:  # encode the training split once per setting: same pixels for every row
+                        split = exp.dataset.split("train")
+                        png = PngImages(split.images, split.offsets)
+                    step = official_step(exp, cfg, setting, algo, png)
+                else:
+                    step = engine_step(exp, cfg, setting)
+                if engine == "loop":
+                    flops = count_flops(step)  # also a warm-up step
+                seconds[engine] = median_seconds(step, device, args.warmup, repeats)
+                memory[engine] = peak_memory_mb(step, device)
+                del step, exp
+                _free(device)
+            for engine in ENGINES:
+                rate = flops / seconds[engine]
+                rows.append({"setting": setting.label, "algo": algo, "SiMT": "yes" if simt else "no", "engine": engine,
+                             "n": repeats, "ms/step": 1e3 * seconds[engine], "peak MB": memory[engine],
+                             "GFLOP/step": flops / 1e9, "GFLOP/s": rate / 1e9, "% matmul peak": 100 * rate / peak_flops,
+                             "vs official": seconds["official"] / seconds[engine]})
+            print(f"  {setting.label} {algo} simt={simt}: "
+                  + ", ".join(f"{e} {1e3 * s:.1f} ms" for e, s in seconds.items()), file=sys.stderr, flush=True)
+    return rows
+
+
+def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
+    """Test-time evaluation of one model (student) on `count` tasks, scaled to EVAL_TASKS; ours (in-memory
+    episodes, simt.evaluator.evaluate) against the official-style loop (PNG episodes, per-task adaptation)."""
+    count = args.eval_tasks or (3 if args.quick else EVAL_TASKS if device.type == "cuda"
+                                else 10 if setting.backbone == "resnet12" else 100)
+    rows = []
+    for algo in setting.algos:
+        cfg = compose_config(setting, algo, False, device, args.threads)
+        exp = build(cfg, "loop")
+        test = exp.dataset.split("test")
+        official = official_learner(exp, cfg, algo)
+        png = PngEpisodes(PngImages(test.images, test.offsets), setting.ways, setting.shots, setting.queries,
+                          seed=cfg.trainer.episode_seed)
+        models = {"student": exp.learner.meta_parameters()}
+
+        def ours(n):
+            episodes = test.episodes(setting.ways, setting.shots, setting.queries, n, seed=cfg.trainer.episode_seed)
+            evaluate(exp.learner, models, episodes, device)
+
+        def theirs(n):
+            for _ in range(n):  # scored per task, as evaluate() does (one host sync per task on CUDA)
+                task = png.sample().to(device)
+                accuracy(official.eval_logits(task), task.query_y)
+
+        ours(1), theirs(1)  # warm-up
+        ours_s, theirs_s = timed(lambda: ours(count), device), timed(lambda: theirs(count), device)
+        scale = EVAL_TASKS / count
+        rows.append({"setting": setting.label, "algo": algo, "tasks timed": count,
+                     f"ours s/{EVAL_TASKS}": ours_s * scale, f"official s/{EVAL_TASKS}": theirs_s * scale,
+                     "vs official": theirs_s / ours_s})
+        del exp, official
+        _free(device)
+    return rows
+
+
+def sampling_rows(args) -> list[dict]:
+    """Tasks per second: our TaskSampler on in-memory uint8 images against decoding each image from PNG
+    (PIL + ToTensor), on kanji-sized images (28x28x1, 20 per class; the kanji train split has 700 classes)."""
+    classes, count = (20, 50) if args.quick else (700, 300)
+    split = synthetic({"train": classes}, instances=20, image_size=28, channels=1).split("train")
+    png = PngImages(split.images, split.offsets)
+    rows = []
+    for shots in (1, 5):
+        ours = TaskSampler(split.images, 5, shots, 15, seed=0, offsets=split.offsets)
+        theirs = PngEpisodes(png, 5, shots, 15, seed=0)
+        rates = {}
+        for name, sampler in (("TaskSampler", ours), ("PNG decode", theirs)):
+            sampler.sample()
+            rates[name] = count / timed(lambda: [sampler.sample() for _ in range(count)], torch.device("cpu"))
+        rows.append({"images": f"28x28x1, {classes} classes", "episode": f"5w{shots}s, 15 queries",
+                     "tasks timed": count, "TaskSampler tasks/s": rates["TaskSampler"],
+                     "PNG decode tasks/s": rates["PNG decode"],
+                     "ratio": rates["TaskSampler"] / rates["PNG decode"]})
+    return rows
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def fmt(value) -> str:
+    if isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    magnitude = abs(value)
+    return f"{value:.0f}" if magnitude >= 100 else f"{value:.1f}" if magnitude >= 10 else \
+        f"{value:.2f}" if magnitude >= 0.1 or value == 0 else f"{value:.2g}"
+
+
+def markdown_table(rows: list[dict], ratio_key: str | None = None) -> str:
+    if not rows:
+        return "(not measured yet)"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    for row in rows:
+        cells = [fmt(row[h]) + ("×" if h == ratio_key else "") for h in headers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(args, device: torch.device, peak_flops: float, matmul_n: int, cpu_cores: int) -> str:
+    memory = CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    tf32 = ""
+    if device.type == "cuda":  # TF32 convolutions (cuDNN's default) can outrun the float32 matmul yardstick
+        tf32 = (f"; TF32 allowed: matmul {torch.backends.cuda.matmul.allow_tf32}, "
+                f"cuDNN {torch.backends.cudnn.allow_tf32}")
+    quick = ("--quick: tiny sizes (every layer 8 wide, 3 queries, meta-batch 2, 1 inner step, 2 at test, 1-shot "
+             "only); its numbers measure overheads, not the paper's settings" if args.quick else
+             "full sizes: official widths, 15 queries, meta-batch 4, 5 second-order inner steps (10 first-order at test)")
+    return "\n".join([
+        f"# SiMT meta-step benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- device: {device.type}, {device_name(device)}"
+        + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
+        f"- torch {torch.__version__}, Python {platform.python_version()}, torch threads {torch.get_num_threads()} "
+        f"(interop {torch.get_num_interop_threads()}), CPU cores available {cpu_cores}, load average {load}",
+        f"- mode: {quick}",
+        f"- matmul peak: {peak_flops / 1e9:.1f} GFLOP/s (float32, {matmul_n}x{matmul_n} @ {matmul_n}x{matmul_n}){tf32}",
+        f"- peak memory: {memory}",
+        f"- command: python -m benchmarks.bench {' '.join(sys.argv[1:])}",
+    ])
+
+
+STEP_NOTES = """\
+A step is the trainer's: sample the meta-batch (our engines: TaskSampler on in-memory uint8 images;
+official: per-image PNG decode), copy it to the device, outer loss, backward, Adam, momentum update.
+`n`: timed repeats after warm-up (median reported). `vs official`: official ms / engine ms (> 1: faster).
+FLOPs (convolutions and matrix products, double backward included) are counted once per (setting, algo,
+SiMT) on the loop engine with torch.utils.flop_counter.FlopCounterMode and used for every engine (same
+computation). All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
+inner loop: its `higher` row runs the loop's code. The ResNet-12 rows are the MAML-family network."""
+
+
+def resnet_note(device: torch.device, quick: bool) -> str:
+    if device.type != "cpu":
+        return ""
+    if quick:
+        return "\nResNet-12 is left out of --quick on a CPU (minutes per step); the full mode runs it."
+    return "\nResNet-12 on a CPU: minutes per step, so 1 warm-up and 1 timed repeat (unless --repeats)."
+
+
+def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling) -> str:
+    return "\n\n".join([
+        header(args, device, peak_flops, matmul_n, cpu_cores),
+        "## Meta-training step", markdown_table(steps, "vs official"), STEP_NOTES + resnet_note(device, args.quick),
+        f"## Test-time evaluation, seconds per {EVAL_TASKS} tasks", markdown_table(evals, "vs official"),
+        f"One model (the student; SiMT runs also score the target: twice the time). `tasks timed` tasks were run "
+        f"and the time scaled to {EVAL_TASKS}. MAML: first-order adaptation, then the query pass.",
+        "## Task sampling (CPU)", markdown_table(sampling, "ratio"),
+    ]) + "\n"
+
+
+def output_path(args, device: torch.device) -> Path:
+    if args.out:
+        return Path(args.out)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return RESULTS_DIR / f"{date}-{device.type}{'-quick' if args.quick else ''}.md"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): for the test suite")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores available)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default: 1, CUDA 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per row (default: 3 on CPU, 1 for ResNet-12 on CPU, 10 on CUDA; --quick 2)")
+    parser.add_argument("--eval-tasks", type=int, default=None,
+                        help=f"test tasks timed (default: {EVAL_TASKS} on CUDA, 100 on CPU, 10 for ResNet-12 on "
+                             f"CPU, 3 with --quick), scaled to {EVAL_TASKS}")
+    parser.add_argument("--only", default=None, help="run only the settings whose label contains this text, "
+                                                     "e.g. 'conv4 28x28'")
+    parser.add_argument("--out", default=None, help="where to write the tables (default: benchmarks/results/"
+                                                    "<date>-<device>[-quick].md)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    cpu_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args.threads = args.threads or cpu_cores
+    torch.set_num_threads(args.threads)  # recorded in the header; pipeline.build sets the same
+    if args.warmup is None:
+        args.warmup = 3 if device.type == "cuda" else 1
+    if args.quick and args.repeats is None:
+        args.repeats = 2
+    chosen = [s for s in settings(args.quick, device) if args.only is None or args.only in s.label]
+    if not chosen:
+        print(f"--only {args.only!r} matches no setting", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    peak_flops, matmul_n = matmul_peak_flops(device, args.quick)
+    path = output_path(args, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps, evals, sampling = [], [], []
+    for done, setting in enumerate(chosen, 1):
+        steps += step_rows(setting, device, args, peak_flops)
+        evals += eval_rows(setting, device, args)
+        # Written after every setting, so that a long run stopped early keeps what it measured.
+        path.write_text(report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling)
+                        + f"\nPartial: {done} of {len(chosen)} settings so far, "
+                          f"{time.perf_counter() - started:.0f} s.\n")
+    sampling = sampling_rows(args)
+    text = report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling)
+    text += f"\nWall time of the whole benchmark: {time.perf_counter() - started:.0f} s.\n"
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

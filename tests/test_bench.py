@@ -1,0 +1,138 @@
+"""The benchmark (benchmarks/bench.py): the --quick run end to end, and that its official-style baseline
+computes what our loop engine computes, so that its speed ratios compare two implementations of one thing."""
+import copy
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import bench
+from benchmarks.official import OfficialMAML, OfficialProtoNet, PngImages
+from simt.algorithms import GradientLearner, ProtoNet
+from simt.data.tasks import Task
+from simt.models import Conv4, ResNet12
+from simt.momentum import MomentumTarget
+from simt.trainer import meta_batch_loss
+from tests.conftest import ROOT
+
+F64 = torch.float64
+WAYS = 3
+
+
+def _table(text: str, title: str) -> tuple[list[str], list[list[str]]]:
+    """The markdown table under the heading `title`: its header and its rows, cells stripped."""
+    lines = text.split(f"## {title}", 1)[1].strip().splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[0], rows[2:]  # rows[1] is the |---| line
+
+
+def _number(cell: str) -> float:
+    value = float(cell.rstrip("×"))
+    assert math.isfinite(value), cell
+    return value
+
+
+def test_quick_benchmark_prints_and_writes_the_tables(tmp_path):
+    out = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_text().strip() == done.stdout.strip()
+    assert "torch threads 1" in done.stdout and "matmul peak" in done.stdout
+
+    header, rows = _table(done.stdout, "Meta-training step")
+    assert tuple(header) == bench.COLUMNS
+    expected = {(s.label, algo, simt, engine) for s in bench.settings(True, torch.device("cpu"))
+                for algo, simt, engine in itertools.product(s.algos, ("no", "yes"), bench.ENGINES)}
+    assert {tuple(row[:4]) for row in rows} == expected and len(rows) == len(expected)
+    for row in rows:
+        values = dict(zip(header, row))
+        for column in ("ms/step", "GFLOP/step", "GFLOP/s", "% matmul peak", "vs official"):
+            assert _number(values[column]) > 0, (row, column)
+        assert _number(values["peak MB"]) >= 0
+        if values["engine"] == "official":
+            assert values["vs official"] == "1.00×"
+
+    header, rows = _table(done.stdout, "Test-time evaluation")
+    assert len(rows) == sum(len(s.algos) for s in bench.settings(True, torch.device("cpu")))
+    assert all(_number(cell) > 0 for row in rows for cell in row[3:])
+
+    header, rows = _table(done.stdout, "Task sampling")
+    assert header[-3:] == ["TaskSampler tasks/s", "PNG decode tasks/s", "ratio"] and len(rows) == 2
+    assert all(_number(cell) > 0 for row in rows for cell in row[-3:])
+
+
+def _tasks(count: int = 2, shots: int = 2, queries: int = 2) -> list[Task]:
+    g = torch.Generator().manual_seed(0)
+    labels = lambda n: torch.arange(WAYS).repeat_interleave(n)  # noqa: E731
+    images = lambda n: torch.rand(WAYS * n, 1, 16, 16, generator=g, dtype=F64)  # noqa: E731
+    return [Task(images(shots), labels(shots), images(queries), labels(queries)) for _ in range(count)]
+
+
+def _model(algo: str, backbone: str):
+    torch.manual_seed(0)
+    out = WAYS if algo == "maml" else None
+    if backbone == "conv4":
+        return Conv4(1, 16, out, hidden=4, transductive_bn=out is not None).to(F64)
+    return ResNet12(1, 16, out, widths=(2, 2, 2, 2), transductive_bn=out is not None).to(F64)
+
+
+@pytest.mark.parametrize("simt", [False, True], ids=["plain", "simt"])
+@pytest.mark.parametrize("algo, backbone", [("maml", "conv4"), ("maml", "resnet12"), ("protonet", "conv4")])
+def test_official_baseline_gives_the_loop_engines_meta_gradient(algo, backbone, simt):
+    """Float64: the official-style per-task loop (meta_forward on an OrderedDict of parameters, per-task
+    backward) and our loop engine (params dict, one backward of the mean) agree on the meta-gradient."""
+    model = _model(algo, backbone)
+    if algo == "maml":
+        learner = GradientLearner(model, inner_lr=0.1, inner_steps=2, engine="loop")
+        official = OfficialMAML(copy.deepcopy(model), inner_lr=0.1, steps=2, eval_steps=2,
+                                momentum={"eta": 0.9, "lam": 0.5, "temp": 4.0} if simt else None)
+    else:
+        learner = ProtoNet(model, engine="loop")
+        official = OfficialProtoNet(copy.deepcopy(model), momentum={"eta": 0.9, "lam": 0.5, "temp": 4.0} if simt
+                                    else None)
+    target = None
+    if simt:  # a target that differs from the student (else the distillation term has no gradient)
+        target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
+                                eta=0.9, lam=0.5, temp=4.0)
+        theirs = dict(official.momentum_model.named_parameters())
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for key in target.keys:
+                noise = 0.05 * torch.randn(target.params[key].shape, generator=g, dtype=F64)
+                target.params[key].add_(noise)
+                theirs[key].add_(noise)
+
+    tasks = _tasks()
+    loss, stats = meta_batch_loss(learner, target, tasks)
+    ours = torch.autograd.grad(loss, list(learner.meta_parameters().values()))
+    official.accumulate(tasks)
+    baseline = [p.grad for p in official.model.parameters()]
+
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
+    reference = flat(ours)
+    assert reference.norm() > 0
+    assert ((flat(baseline) - reference).norm() / reference.norm()).item() <= 1e-9
+    if simt:
+        assert stats["distill_loss"] > 0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_episodes_decode_the_samplers_pixels(channels):
+    """PNG -> PIL -> ToTensor gives bit for bit the floats our TaskSampler makes of the same uint8 images."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 4, channels, 20, 20), generator=g, dtype=torch.uint8)
+    png = PngImages(images.flatten(0, 1), torch.arange(4) * 4)
+    for index, image in enumerate(images.flatten(0, 1)):
+        decoded = png[index]
+        assert decoded.dtype == torch.float32 and decoded.shape == image.shape
+        assert torch.equal(decoded, image.float().div_(255))  # TaskSampler's conversion
