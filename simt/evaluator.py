@@ -1,13 +1,17 @@
 """Meta-test evaluation: the same seeded episodes for every model, per-episode scores, mean and 95% CI."""
+from __future__ import annotations
+
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from simt.algorithms.inner_loop import Params
-from simt.data.tasks import Task
+if TYPE_CHECKING:  # annotations only: simt.data imports this module (Metric), so a real import would be circular
+    from simt.algorithms.inner_loop import Params
+    from simt.data.tasks import Task
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -109,3 +109,13 @@ def test_equal_size_and_flat_layouts_give_the_same_tasks():
     a = TaskSampler(images, 5, 1, 3, seed=3).sample()
     b = TaskSampler(flat, 5, 1, 3, seed=3, offsets=offsets).sample()
     assert torch.equal(a.query_x, b.query_x) and torch.equal(a.support_x, b.support_x)
+
+
+def test_modules_import_on_their_own():
+    # Each in a fresh interpreter: an import cycle only shows when its module is the first one imported.
+    import subprocess
+    import sys
+
+    for name in ("simt.evaluator", "simt.trainer", "simt.momentum", "simt.data.tasks"):
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name}: {done.stderr.strip().splitlines()[-1]}"
