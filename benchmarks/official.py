@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from simt.data.tasks import Task
+from simt.models import set_dropout
 from simt.models.conv4 import Conv4
 from simt.models.resnet12 import ResidualBlock, ResNet12
 
@@ -147,12 +148,6 @@ def _residual_block(block: ResidualBlock, prefix: str, x: torch.Tensor, params: 
 
 # -- pieces shared by both learners ----------------------------------------------------------------
 
-def _set_dropout(model: nn.Module, active: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.train(active)
-
-
 def _plain_norm_names(model: nn.Module) -> set[str]:
     """Affine parameters of plain BatchNorm (Conv4): meta-learned, never adapted nor averaged (official)."""
     if getattr(model, "adapts_norm", False):
@@ -226,7 +221,7 @@ class OfficialMAML(_OfficialLearner):
         self.inner_lr, self.steps, self.eval_steps = inner_lr, steps, eval_steps
 
     def adapt(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, second_order: bool) -> Weights:
-        _set_dropout(model, False)  # the inner loop runs without dropout
+        set_dropout(model, False)  # the inner loop runs without dropout
         params = OrderedDict(model.named_parameters())
         for _ in range(steps):
             loss = F.cross_entropy(meta_forward(model, x, params), y)
@@ -238,11 +233,11 @@ class OfficialMAML(_OfficialLearner):
 
     def student_logits(self, task: Task) -> torch.Tensor:
         params = self.adapt(self.model, task.support_x, task.support_y, self.steps, second_order=True)
-        _set_dropout(self.model, True)  # SiMT's student perturbation: the query pass only
+        set_dropout(self.model, True)  # SiMT's student perturbation: the query pass only
         try:
             return meta_forward(self.model, task.query_x, params)
         finally:
-            _set_dropout(self.model, False)
+            set_dropout(self.model, False)
 
     def teacher_logits(self, task: Task) -> torch.Tensor:
         params = self.adapt(self.momentum_model, task.support_x, task.support_y, self.steps, second_order=False)
@@ -270,15 +265,15 @@ class OfficialProtoNet(_OfficialLearner):
 
     def student_logits(self, task: Task) -> torch.Tensor:
         self.model.train()
-        _set_dropout(self.model, True)
+        set_dropout(self.model, True)
         return _prototype_logits(self.model(task.support_x), task.support_y, self.model(task.query_x))
 
     @torch.no_grad()
     def teacher_logits(self, task: Task) -> torch.Tensor:
         model = self.momentum_model.train()
-        _set_dropout(model, True)  # dropout on for the target's support pass, off for its query pass
+        set_dropout(model, True)  # dropout on for the target's support pass, off for its query pass
         support = model(task.support_x)
-        _set_dropout(model, False)
+        set_dropout(model, False)
         return _prototype_logits(support, task.support_y, model(task.query_x))
 
     @torch.no_grad()

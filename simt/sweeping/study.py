@@ -46,13 +46,20 @@ class SweepError(ValueError):
 
 # -- storages ---------------------------------------------------------------------------------------
 
+def storage_file(url: str) -> Path | None:
+    """The file behind a file-based storage URL (sqlite:///PATH, journal:PATH), its folder created; else None."""
+    if not url.startswith(("sqlite:///", "journal:")):
+        return None
+    path = Path(url.removeprefix("sqlite:///").removeprefix("journal:").removeprefix("//"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_file(url))))
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        storage_file(url)
         # Parallel jobs report intermediate values to one file: wait for SQLite's write lock, don't fail.
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     if "://" in url:
@@ -64,9 +71,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def study_lock(url: str, name: str):
     """Hold the lock named `name` for this storage (see the module docstring): a count-then-ask, or the
     first creation of a study (concurrent creations of Optuna's tables collide on PostgreSQL)."""
-    if url.startswith(("sqlite:///", "journal:")):
-        path = Path(url.removeprefix("sqlite:///").removeprefix("journal:").removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path := storage_file(url):
         with open(f"{path}.simt-lock", "a") as handle:  # not .lock: Optuna's journal lock file is named so
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
