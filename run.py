@@ -2,6 +2,7 @@
 
     python run.py algo=maml simt.eta=0.995
     python run.py -m algo=maml,anil simt.enabled=true,false
+    torchrun --nproc_per_node=2 run.py task.meta_batch_size=8   # the meta-batch's tasks split over 2 GPUs
 """
 import logging
 import sys
@@ -11,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from simt import pipeline
+from simt import distributed, pipeline
 
 # Errors whose message is one complete line naming the key or file and what was expected.
 USER_ERRORS = (pipeline.ConfigError, pipeline.OverrideError, pipeline.CheckpointError, pipeline.DataError,
@@ -37,6 +38,8 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     try:
         pipeline.check_overrides(sys.argv[1:])
-    except USER_ERRORS as error:
+        if distributed.launched():
+            sys.argv += distributed.hydra_overrides(sys.argv[1:])
+    except (*USER_ERRORS, distributed.LaunchError) as error:
         fail(error)
     main()

@@ -12,8 +12,9 @@ of benchmarks/official.py), one meta-step is the trainer's: sample the meta-batc
 device, outer loss, backward, Adam step, momentum update. Reported per row: the median time over warm
 repeats, the peak memory of one step, FLOPs per step and the fraction of a measured matmul peak they
 reach, and the speed ratio against the official-style row (official ms / engine ms: > 1 is faster).
-Two more tables time test-time evaluation (per 2,000 tasks) and task sampling (in-memory TaskSampler
-against per-image PNG decoding). The tables are printed and written to benchmarks/results/.
+Two more tables time test-time evaluation (per 2,000 tasks: one episode at a time, batched under vmap,
+and the official-style loop) and task sampling (in-memory TaskSampler against per-image PNG decoding).
+The tables are printed and written to benchmarks/results/.
 """
 import argparse
 import copy
@@ -48,6 +49,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENGINES = ("official", "loop", "batched", "higher")  # official first: every ratio refers to it
 ALGOS = ("maml", "protonet")
 EVAL_TASKS = 2000  # the evaluation table reports time per this many test tasks
+EVAL_BATCH = 100  # default episodes per vmapped chunk of the batched evaluation (evaluate(batch_size=...))
 SPLIT_CLASSES = "{train:10,val:5,test:10}"  # enough classes for 5-way episodes; small, so builds are quick
 COLUMNS = ("setting", "algo", "SiMT", "engine", "n", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s",
            "% matmul peak", "vs official")
@@ -68,6 +70,7 @@ class Setting:
     inner_steps: int = 5  # second order while training
     eval_inner_steps: int = 10  # first order at test time
     width: int | None = None  # None: the official widths; --quick narrows every layer to this
+    eval_batch: int = EVAL_BATCH  # episodes per chunk in the batched evaluation column
 
     @property
     def label(self) -> str:
@@ -81,7 +84,9 @@ FULL = (  # the settings of the paper's tables (synthetic images of their shape)
     Setting("conv4", 84, 3, shots=1),
     Setting("conv4", 84, 3, shots=5),
     # The MAML-family ResNet-12 (widths 64-128-256-512, meta-BatchNorm): its ProtoNet flavour is another network.
-    Setting("resnet12", 84, 3, shots=1, algos=("maml",)),
+    # Batched evaluation in chunks of 25 episodes: 100 (7,500 84x84 query images through 64-wide residual
+    # blocks, 13.5 GB per float32 activation, several alive at once) would likely not fit an 80 GB GPU (estimated).
+    Setting("resnet12", 84, 3, shots=1, algos=("maml",), eval_batch=25),
 )
 TINY = dict(queries=3, meta_batch=2, inner_steps=1, eval_inner_steps=2, width=8)
 QUICK = (  # seconds in all: every code path (1 and 3 channels, both algorithms, every engine), tiny sizes
@@ -298,9 +303,11 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
 
 def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
     """Test-time evaluation of one model (student) on `count` tasks, scaled to EVAL_TASKS; ours (in-memory
-    episodes, simt.evaluator.evaluate) against the official-style loop (PNG episodes, per-task adaptation)."""
+    episodes, simt.evaluator.evaluate) one episode at a time and in chunks of `setting.eval_batch` episodes
+    (vmap), against the official-style loop (PNG episodes, per-task adaptation)."""
     count = args.eval_tasks or (3 if args.quick else EVAL_TASKS if device.type == "cuda"
                                 else 10 if setting.backbone == "resnet12" else 100)
+    batch = min(setting.eval_batch, count)
     rows = []
     for algo in setting.algos:
         cfg = compose_config(setting, algo, False, device, args.threads)
@@ -311,21 +318,25 @@ def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
                           seed=cfg.trainer.episode_seed)
         models = {"student": exp.learner.meta_parameters()}
 
-        def ours(n):
+        def ours(n, batch_size=1):
             episodes = test.episodes(setting.ways, setting.shots, setting.queries, n, seed=cfg.trainer.episode_seed)
-            evaluate(exp.learner, models, episodes, device)
+            evaluate(exp.learner, models, episodes, device, batch_size=batch_size)
 
         def theirs(n):
             for _ in range(n):  # scored per task, as evaluate() does (one host sync per task on CUDA)
                 task = png.sample().to(device)
                 accuracy(official.eval_logits(task), task.query_y)
 
-        ours(1), theirs(1)  # warm-up
-        ours_s, theirs_s = timed(lambda: ours(count), device), timed(lambda: theirs(count), device)
+        ours(1), ours(batch, batch), theirs(1)  # warm-up (the batched one at the timed batch size)
+        seconds = {"one": timed(lambda: ours(count), device), "batched": timed(lambda: ours(count, batch), device),
+                   "official": timed(lambda: theirs(count), device)}
         scale = EVAL_TASKS / count
-        rows.append({"setting": setting.label, "algo": algo, "tasks timed": count,
-                     f"ours s/{EVAL_TASKS}": ours_s * scale, f"official s/{EVAL_TASKS}": theirs_s * scale,
-                     "vs official": theirs_s / ours_s})
+        rows.append({"setting": setting.label, "algo": algo, "tasks timed": count, "batch": batch,
+                     f"one at a time s/{EVAL_TASKS}": seconds["one"] * scale,
+                     f"batched s/{EVAL_TASKS}": seconds["batched"] * scale,
+                     f"official s/{EVAL_TASKS}": seconds["official"] * scale,
+                     "one at a time vs official": seconds["official"] / seconds["one"],
+                     "batched vs official": seconds["official"] / seconds["batched"]})
         del exp, official
         _free(device)
     return rows
@@ -370,13 +381,13 @@ def fmt(value) -> str:
         f"{value:.2f}" if magnitude >= 0.1 or value == 0 else f"{value:.2g}"
 
 
-def markdown_table(rows: list[dict], ratio_key: str | None = None) -> str:
+def markdown_table(rows: list[dict], *ratio_keys: str) -> str:
     if not rows:
         return "(not measured yet)"
     headers = list(rows[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     for row in rows:
-        cells = [fmt(row[h]) + ("×" if h == ratio_key else "") for h in headers]
+        cells = [fmt(row[h]) + ("×" if h in ratio_keys else "") for h in headers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -440,9 +451,12 @@ def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling
     return "\n\n".join([
         header(args, device, peak_flops, matmul_n, cpu_cores),
         "## Meta-training step", markdown_table(steps, "vs official"), STEP_NOTES + resnet_note(device, args.quick),
-        f"## Test-time evaluation, seconds per {EVAL_TASKS} tasks", markdown_table(evals, "vs official"),
+        f"## Test-time evaluation, seconds per {EVAL_TASKS} tasks",
+        markdown_table(evals, "one at a time vs official", "batched vs official"),
         f"One model (the student; SiMT runs also score the target: twice the time). `tasks timed` tasks were run "
-        f"and the time scaled to {EVAL_TASKS}. MAML: first-order adaptation, then the query pass.",
+        f"and the time scaled to {EVAL_TASKS}. MAML: first-order adaptation, then the query pass. `one at a time`: "
+        f"simt.evaluator.evaluate episode by episode; `batched`: evaluate(batch_size=`batch`), that many episodes "
+        f"adapted and scored at once under vmap (same scores); official: the official-style per-task loop.",
         "## Task sampling (CPU)", markdown_table(sampling, "ratio"),
     ]) + "\n"
 

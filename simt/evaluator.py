@@ -1,8 +1,10 @@
 """Meta-test evaluation: the same seeded episodes for every model, per-episode scores, mean and 95% CI."""
 from __future__ import annotations
 
+import itertools
+import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from tqdm import tqdm
 if TYPE_CHECKING:  # annotations only: simt.data imports this module (Metric), so a real import would be circular
     from simt.algorithms.inner_loop import Params
     from simt.data.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -44,17 +48,55 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], device: torch.device,
              metric: Metric = ACCURACY, total: int | None = None, desc: str = "eval",
-             progress: bool = False) -> dict[str, list[float]]:
+             progress: bool = False, batch_size: int = 1) -> dict[str, list[float]]:
     """Score every model in `models` (name -> params) on every episode; returns name -> per-episode scores.
 
     All models see exactly the same episodes, so their per-episode scores can be compared pairwise.
+    `batch_size` > 1 adapts and scores that many episodes at once (engines.batched_eval_outputs, under
+    vmap): the same scores, faster where one episode's kernels are too small to fill the device (a GPU).
+    A chunk that runs out of GPU memory is retried in halves, and later chunks keep the smaller size.
     """
+    if batch_size < 1:
+        raise ValueError(f"trainer.eval_batch={batch_size}: expected a positive number of episodes")
     scores: dict[str, list[float]] = {name: [] for name in models}
-    for task in tqdm(episodes, total=total, desc=desc, leave=False, disable=not progress):
-        task = task.to(device)
-        for name, params in models.items():
-            scores[name].append(metric.fn(learner.eval_outputs(params, task), task.query_y))
+    if total is None and isinstance(episodes, Sized):  # as tqdm does for a plain loop
+        total = len(episodes)
+    episodes, queue = iter(episodes), []  # queue: episodes taken from `episodes`, not scored yet
+    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
+        while True:
+            queue += [task.to(device) for task in itertools.islice(episodes, max(0, batch_size - len(queue)))]
+            if not queue:
+                break
+            chunk = queue[:batch_size]
+            try:
+                outputs = {name: _outputs(learner, params, chunk) for name, params in models.items()}
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                batch_size = (len(chunk) + 1) // 2
+                log.warning("%s: out of memory with %d episodes at once, going on with %d", desc, len(chunk),
+                            batch_size)
+                continue
+            del queue[:len(chunk)]
+            for name, outs in outputs.items():
+                scores[name].extend(metric.fn(out, task.query_y) for out, task in zip(outs, chunk))
+            bar.update(len(chunk))
     return scores
+
+
+def _outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:
+    """The models' query outputs on `tasks`: the learner's own per-episode code for one task, vmap for more."""
+    if len(tasks) == 1:
+        return [learner.eval_outputs(params, tasks[0])]
+    # Deferred: simt.algorithms imports simt.data, which imports this module (Metric): a cycle at import time.
+    from simt.algorithms.engines import batched_eval_outputs
+
+    shapes = {tuple(tuple(t.shape) for t in (task.support_x, task.support_y, task.query_x, task.query_y))
+              for task in tasks}
+    if len(shapes) > 1:
+        raise ValueError(f"trainer.eval_batch={len(tasks)}: the episodes of a chunk must have equal shapes (same "
+                         f"ways, shots, queries); got (support_x, support_y, query_x, query_y) shapes {sorted(shapes)}")
+    return batched_eval_outputs(learner, params, tasks)
 
 
 def summarize(scores: dict[str, list[float]], metric_name: str = "acc") -> dict[str, float]:

@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from simt import checkpoint
+from simt import checkpoint, distributed
 from simt.algorithms.engines import ENGINES
 from simt.algorithms.maml import ADAPT_SCOPES
 from simt.algorithms.metasgd import LR_SHAPES
@@ -87,6 +87,9 @@ RULES = {
                        "auto, cpu, cuda or cuda:N"),
     "trainer.threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "trainer.progress": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "trainer.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "trainer.eval_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or an integer >= 1"),
+    "trainer.data_on_device": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
 }
 
 
@@ -96,6 +99,9 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value != "<absent>" and not ok(value):
             raise ConfigError(key, value, expected)
+    if distributed.world_size() > cfg.task.meta_batch_size:
+        raise ConfigError("task.meta_batch_size", cfg.task.meta_batch_size,
+                          f"at least {distributed.world_size()} (one task or more per torchrun process)")
     if cfg.mode == "eval" and not cfg.checkpoint:
         raise ConfigError("checkpoint", cfg.checkpoint, "a run directory or checkpoint file when mode=eval")
     if not get_class(cfg.algo._target_).embedding_model and train_ways(cfg) != cfg.task.ways:
@@ -204,11 +210,32 @@ class Experiment:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.device", name, "auto or cpu (no CUDA device is available)")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.active():  # torchrun: one GPU per process
+        name = f"cuda:{distributed.local_rank()}"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def place_data(dataset: FewShotDataset, device: torch.device, setting: bool | str) -> FewShotDataset:
+    """`trainer.data_on_device`: hold the splits on the training device, so tasks are gathered there (no
+    host-to-device copy per task). `auto`: on a GPU when the images take at most a quarter of its free
+    memory (mini-ImageNet: 1.1 GB in all; tiered-ImageNet: about 12 GB)."""
+    if device.type == "cpu" or setting is False:
+        return dataset
+    if setting == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if dataset.nbytes > free / 4:
+            log.info("data set %s (%.1f GB) stays in host memory: more than a quarter of the %.1f GB free on %s",
+                     dataset.name, dataset.nbytes / 1e9, free / 1e9, device)
+            return dataset
+    log.info("data set %s (%.2f GB) held on %s", dataset.name, dataset.nbytes / 1e9, device)
+    return dataset.to(device)
 
 
 def build(cfg: DictConfig) -> Experiment:
@@ -220,6 +247,7 @@ def build(cfg: DictConfig) -> Experiment:
     _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
                      min(split.smallest_class for split in dataset.splits.values()), dataset.name,
                      dataset.regression)
+    dataset = place_data(dataset, device, cfg.trainer.get("data_on_device", "auto"))
     test_dataset = dataset
     if cfg.get("eval_dataset"):
         test_dataset = _instantiate(cfg.eval_dataset)
@@ -228,6 +256,7 @@ def build(cfg: DictConfig) -> Experiment:
                               f"({dataset.channels}x{dataset.image_size}x{dataset.image_size})")
         test = test_dataset.split("test")
         _check_task_fits(cfg, {"test": test.classes}, test.smallest_class, test_dataset.name)
+        test_dataset = place_data(test_dataset, device, cfg.trainer.get("data_on_device", "auto"))
     learner_cls = get_class(cfg.algo._target_)
     if learner_cls.embedding_model and dataset.regression:
         raise ConfigError("algo", cfg.algo._target_.rsplit(".", 1)[-1], f"a gradient-based learner (maml, "
@@ -271,6 +300,24 @@ def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
     return data.split(split).episodes(task.ways, task.shots, task.queries, count, seed=cfg.trainer.episode_seed)
 
 
+def eval_batch(cfg: DictConfig, exp: Experiment) -> int:
+    """Episodes adapted at once at validation and test time (`trainer.eval_batch`). auto: 64 with the batched
+    engine (a GPU, where one episode's kernels leave it idle; a chunk that does not fit is retried in
+    halves), else 1 (the CPU default engine; batched evaluation is also exact there, and is faster for small
+    images: benchmarks/README.md)."""
+    setting = cfg.trainer.get("eval_batch", "auto")
+    if setting != "auto":
+        return setting
+    return 64 if exp.learner.engine == "batched" else 1
+
+
+def _evaluate(cfg: DictConfig, exp: Experiment, split: str, count: int, desc: str) -> dict[str, list[float]]:
+    """Per-episode scores of the student (and the target) on the split's fixed episodes."""
+    metric = (exp.test_dataset if split == "test" else exp.dataset).metric
+    return evaluate(exp.learner, _models(exp), _episodes(cfg, exp, split, count), exp.device, metric, total=count,
+                    desc=desc, progress=_progress(cfg), batch_size=eval_batch(cfg, exp))
+
+
 def _progress(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() if cfg.trainer.progress == "auto" else bool(cfg.trainer.progress)
 
@@ -281,8 +328,7 @@ def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
     if exp.target is not None:
         exp.target.load_state_dict(weights["target"])
     metric = exp.test_dataset.metric
-    scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "test", cfg.trainer.eval_tasks),
-                      exp.device, metric, total=cfg.trainer.eval_tasks, desc="test", progress=_progress(cfg))
+    scores = _evaluate(cfg, exp, "test", cfg.trainer.eval_tasks, desc="test")
     reported = "target" if exp.target is not None else "student"
     summary, name = summarize(scores, metric.name), metric.name
     return {f"test/{name}": summary[f"{reported}/{name}"], f"test/{name}_ci95": summary[f"{reported}/{name}_ci95"],
@@ -295,9 +341,10 @@ def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train (or evaluate, mode=eval) one configuration; returns the objective for sweeps."""
     check_config(cfg)
-    if cfg.mode == "eval":
-        return evaluate_saved(cfg, run_dir)
-    started, run_dir = time.time(), Path(run_dir)
+    if cfg.mode == "eval":  # under torchrun rank 0 evaluates alone
+        return evaluate_saved(cfg, run_dir) if distributed.is_main() else float("nan")
+    started, run_dir = time.time(), Path(distributed.broadcast_object(str(run_dir)))  # torchrun: rank 0's
+    main = distributed.is_main()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     finished = _finished_results(run_dir, resolved) if cfg.trainer.resume else None
     if finished:
@@ -307,7 +354,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
     if payload:
         _check_same_run(payload["config"], resolved, last)
-    elif cfg.trainer.resume:
+    elif cfg.trainer.resume and main:
         log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
 
     exp = build(cfg)
@@ -315,20 +362,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed)
 
     def score_validation(step: int) -> dict[str, float]:
-        scores = evaluate(exp.learner, _models(exp), _episodes(cfg, exp, "val", cfg.trainer.val_tasks),
-                          exp.device, exp.dataset.metric, total=cfg.trainer.val_tasks, desc=f"val@{step}", progress=_progress(cfg))
+        scores = _evaluate(cfg, exp, "val", cfg.trainer.val_tasks, desc=f"val@{step}")
         return {name: sum(values) / len(values) for name, values in scores.items()}
 
     from torch.utils.tensorboard import SummaryWriter  # deferred: slow import, only needed when training
 
     # purge_step drops events logged after the checkpoint by the interrupted process (or by an earlier
     # run in this directory), so every curve has exactly one point per step.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=(payload["step"] if payload else 0) + 1)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=(payload["step"] if payload else 0) + 1) if main else None
     trainer = Trainer(exp.learner, exp.target, optimizer, sampler, score_validation, run_dir,
                       steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
                       eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
                       device=exp.device, metric=exp.dataset.metric, writer=writer, progress=_progress(cfg), config=resolved,
-                      on_validation=trial_reporter())
+                      on_validation=trial_reporter(), precision=cfg.trainer.precision)
     if payload:
         trainer.resume(payload)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
@@ -337,7 +383,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     try:
         state = trainer.fit()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if not main:  # rank 0 tests and writes the results; the other ranks' part is done
+        return float("nan")
 
     test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST))
     results = {**{k: v for k, v in test.items() if k != "test_episodes"},
@@ -356,17 +405,24 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 # Keys a resumed run may change: how long to train and how to run it, not what is trained.
 RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress", "algo.engine",
-                     "trainer.checkpoint_every", "trainer.eval_tasks", "mode", "checkpoint"}
+                     "trainer.checkpoint_every", "trainer.eval_tasks", "trainer.data_on_device", "trainer.eval_batch",
+                     "mode", "checkpoint"}
 
 
 # Keys that change how a run is carried out but not what it computes: left out of the config hash.
 MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.checkpoint_every", "algo.engine",
-             "mode", "checkpoint", "data_dir"}
+             "trainer.data_on_device", "trainer.eval_batch", "mode", "checkpoint", "data_dir"}
+
+
+# Keys added after runs were first written, with the value older runs had in effect: at that value they
+# are left out of the config hash and of resume checks, so upgrading does not orphan finished results.
+LATER_KEYS = {"trainer.precision": "fp32"}
 
 
 def config_hash(resolved: dict) -> str:
     """A short fingerprint of what a run computes, so a grid re-run can tell finished cells (results.json)."""
-    flat = {key: value for key, value in _flatten(resolved).items() if key not in MECHANICS}
+    flat = {key: value for key, value in _flatten(resolved).items()
+            if key not in MECHANICS and not (key in LATER_KEYS and value == LATER_KEYS[key])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -389,6 +445,8 @@ def _finished_results(run_dir: Path, resolved: dict) -> dict | None:
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
     for key, (old, new) in _differences(saved, current).items():
+        if key in LATER_KEYS and {old, new} <= {None, LATER_KEYS[key]}:
+            continue
         if key not in RESUMABLE_CHANGES:
             raise ConfigError(key, new, f"{old!r} as in the checkpoint {path} it would resume "
                                         f"(start a new run directory to change it)")
@@ -414,7 +472,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     if not config:
         raise ConfigError("checkpoint", str(path), "a checkpoint written by this tool (no config found beside it)")
     saved_cfg = OmegaConf.create(config)
-    saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress")})
+    saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress",
+                                                              "eval_batch", "data_on_device")})
     exp = build(saved_cfg)
     test = _test(saved_cfg, exp, saved)
     _write_json({**test, "checkpoint": str(path)}, Path(run_dir) / "eval_results.json")

@@ -1,5 +1,6 @@
 """The outer loop: sample, loss, step, momentum update, log, validate, checkpoint."""
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from simt import checkpoint
+from simt import checkpoint, distributed
 from simt.algorithms.engines import meta_batch_outputs
 from simt.data.tasks import TaskSampler
 from simt.evaluator import ACCURACY, Metric
@@ -49,6 +50,12 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
     return total, stats
 
 
+def autocast(device: torch.device, precision: str):
+    """`trainer.precision`: fp32, or bf16 autocast (matmuls and convolutions in bfloat16, parameters, inner
+    SGD updates and losses in float32). Not fp16: its double backward is a known source of NaNs."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -71,12 +78,13 @@ class Trainer:
                  sampler: TaskSampler, score_validation: Callable[[int], dict[str, float]], run_dir: Path,
                  steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
                  device: torch.device, metric: Metric = ACCURACY, writer=None, progress: bool = False,
-                 config: dict | None = None, on_validation: Callable[[int, float], None] | None = None):
+                 config: dict | None = None, on_validation: Callable[[int, float], None] | None = None,
+                 precision: str = "fp32"):
         self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
         self.on_validation = on_validation  # e.g. an Optuna trial's report; it may raise to stop the run
         self.score_validation, self.run_dir = score_validation, Path(run_dir)
         self.writer, self.progress = writer, progress
-        self.steps, self.meta_batch_size, self.device = steps, meta_batch_size, device
+        self.steps, self.meta_batch_size, self.device, self.precision = steps, meta_batch_size, device, precision
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
         self.metric, self.higher_is_better, self.config = metric, metric.higher_is_better, config or {}
         self.selects = "target" if target is not None else "student"
@@ -85,36 +93,70 @@ class Trainer:
 
     def fit(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._request_stop)  # cluster preemption: save, then exit
-        bar = tqdm(total=self.steps, initial=self.state.step, desc="train", disable=not self.progress)
+        main = distributed.is_main()  # torchrun: only rank 0 validates, logs and writes checkpoints
+        self._start_ranks()
+        bar = tqdm(total=self.steps, initial=self.state.step, desc="train", disable=not (self.progress and main))
         try:
             for step in range(self.state.step + 1, self.steps + 1):
                 started = time.perf_counter()
-                tasks = [self.sampler.sample().to(self.device) for _ in range(self.meta_batch_size)]
-                loss, stats = meta_batch_loss(self.learner, self.target, tasks, self.metric)
-                if not torch.isfinite(loss):  # stop before the step: the last good checkpoint stays intact
-                    self._fail(f"non-finite outer loss ({loss.item()}) at step {step}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                if not all(torch.isfinite(p).all() for p in self.learner.meta_parameters().values()):
-                    self._fail(f"non-finite parameters after the optimizer step at step {step}")
+                loss, stats, stop = self._meta_step(step)
                 if self.target is not None:
                     self.target.update(self.learner.meta_parameters())  # θ_m <- η·θ_m + (1-η)·θ
                 self.state.step = step
-                self._log(step, {"loss": loss.item(), **stats, "step_time_s": time.perf_counter() - started})
-                if step % self.eval_every == 0 or step == self.steps:
+                self._log(step, {"loss": loss, **stats, "step_time_s": time.perf_counter() - started})
+                if main and (step % self.eval_every == 0 or step == self.steps):
                     self._validate(step, selects=step % self.eval_every == 0 or self.state.best_step is None)
-                if step % self.checkpoint_every == 0 or step == self.steps or self._stop_signal:
+                if main and (step % self.checkpoint_every == 0 or step == self.steps or stop):
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", best=self.state.best_value)
-                if self._stop_signal:
-                    log.warning("signal %d: checkpoint saved at step %d, exiting", self._stop_signal, step)
-                    raise SystemExit(128 + self._stop_signal)
+                bar.set_postfix(loss=f"{loss:.3f}", best=self.state.best_value)
+                if stop:
+                    signum = self._stop_signal or signal.SIGTERM  # another rank may have been the one signalled
+                    log.warning("signal %d: checkpoint saved at step %d, exiting", signum, step)
+                    raise SystemExit(128 + signum)
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
         return self.state
+
+    def _meta_step(self, step: int) -> tuple[float, dict[str, float], bool]:
+        """One outer step on this rank's share of the meta-batch; returns the meta-batch's loss and statistics
+        (summed over ranks) and whether any rank was asked to stop."""
+        tasks = [self.sampler.sample() for _ in range(self.meta_batch_size)]  # all ranks draw all: one sampler state
+        own = [task.to(self.device) for task in distributed.shard(tasks)]
+        with autocast(self.device, self.precision):
+            loss, stats = meta_batch_loss(self.learner, self.target, own, self.metric)
+        share = len(own) / self.meta_batch_size  # this rank's part of the mean over the meta-batch
+        totals = distributed.all_reduce_sum(torch.tensor(
+            [loss.item() * share, *(value * share for value in stats.values()), float(bool(self._stop_signal))],
+            dtype=torch.float64))
+        if not math.isfinite(totals[0]):  # stop before the step: the last good checkpoint stays intact
+            self._fail(f"non-finite outer loss ({totals[0].item()}) at step {step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * share).backward()
+        params = self.learner.meta_parameters()
+        distributed.all_reduce_gradients(list(params.values()))
+        self.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in params.values()):
+            self._fail(f"non-finite parameters after the optimizer step at step {step}")
+        distributed.average_buffers(self._buffers())
+        return totals[0].item(), dict(zip(stats, totals[1:-1].tolist())), bool(totals[-1] > 0)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """State besides θ that forward passes change: BN running statistics, the learner's and the target's."""
+        buffers = list(self.learner.momentum_buffers().values())
+        if self.target is not None:
+            buffers += [value for key, value in self.target.params.items() if key not in self.target.keys]
+        return buffers
+
+    def _start_ranks(self) -> None:
+        """torchrun: rank 0's weights everywhere (they are equal by seeding; this makes it a fact), and a
+        different dropout stream per rank, derived from the (checkpointed) common one."""
+        if distributed.world_size() == 1:
+            return
+        target = list(self.target.params.values()) if self.target is not None else []
+        distributed.broadcast_tensors(list(self.learner.meta_parameters().values()) + self._buffers() + target)
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + distributed.rank())
 
     def _fail(self, what: str):
         saved = self.state.saved_step

@@ -63,6 +63,32 @@ def meta_batch_outputs(learner, theta: Params, target,
     return list(zip(students, teachers))
 
 
+def batched_eval_outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:
+    """`learner.eval_outputs(params, task)` for every task of `tasks` (equal shapes), all at once under vmap.
+
+    Why: test time scores thousands of episodes, each adapted on its own; one at a time, a GPU runs tiny,
+    launch-bound kernels (as the per-task training loop does). The per-task code is the per-episode
+    path's, so the results are the same whatever `learner.engine` is, with two differences in how it runs:
+    the inner step is func_sgd_step (autograd.grad does not run under vmap), and BatchNorm is exact
+    (ExactBatchNorm2d; in eval mode, ProtoNet's, it is the same fused, running-statistics kernel).
+    Evaluation needs no meta-gradient, so `params` enter detached: no graph back to θ is kept per task.
+    """
+    params = {key: value.detach() for key, value in params.items()}
+    fields, in_dims = _stacked(tasks)
+    with exact_batch_norm(learner.model) as statistics:
+        def one_task(*task_fields):
+            # statistics.values: BN running-statistic updates, as the per-episode path would make them
+            # (none for the learners here: ProtoNet evaluates on its running statistics, the MAML family
+            # keeps none); vmap stacks them per task, and apply() makes them in the per-episode order.
+            outputs = learner.eval_outputs(params, Task(*task_fields), inner_step=func_sgd_step)
+            return outputs, statistics.values
+
+        # randomness="error": evaluation draws nothing random (dropout is off), so a random op would be a bug.
+        outputs, values = torch.func.vmap(one_task, in_dims=in_dims, randomness="error")(*fields)
+        statistics.apply(values)
+    return list(outputs.unbind(0))
+
+
 def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
     student = learner.student_outputs(theta, task)
     return student, learner.teacher_outputs(target.params, task) if target is not None else None

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from simt.algorithms.engines import INNER_STEPS, resolve_engine
-from simt.algorithms.inner_loop import Params, adapt
+from simt.algorithms.inner_loop import InnerStep, Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
 
@@ -92,17 +92,21 @@ class GradientLearner:
         with torch.no_grad():
             return self._forward(adapted, task.query_x)
 
-    def eval_outputs(self, params: Params, task: Task) -> torch.Tensor:
-        adapted = self.adapt(params, task, self.eval_inner_steps, first_order=True)
+    def eval_outputs(self, params: Params, task: Task, inner_step: InnerStep | None = None) -> torch.Tensor:
+        """First-order adaptation, then the query pass. `inner_step` overrides the engine's (batched
+        evaluation runs under vmap, where only func_sgd_step works, whatever `algo.engine` is)."""
+        adapted = self.adapt(params, task, self.eval_inner_steps, first_order=True, step=inner_step)
         with torch.no_grad():
             return self._forward(adapted, task.query_x)
 
     # -- mechanics ---------------------------------------------------------------------------------
-    def adapt(self, params: Params, task: Task, steps: int, first_order: bool) -> Params:
+    def adapt(self, params: Params, task: Task, steps: int, first_order: bool,
+              step: InnerStep | None = None) -> Params:
+        """`steps` SGD steps on the support set, each by `step` (default: the engine's inner step)."""
         set_dropout(self.model, False)  # the inner loop never sees dropout (official behaviour)
         support_loss = lambda p: self.task_loss(self._forward(p, task.support_x), task.support_y)  # noqa: E731
         return adapt(support_loss, params, self.adapt_keys, steps, self.inner_lrs_of(params), first_order,
-                     step=INNER_STEPS[self.engine])
+                     step=step or INNER_STEPS[self.engine])
 
     def inner_lrs_of(self, params: Params) -> float | Params:
         return self.inner_lr

@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from simt.algorithms.engines import resolve_engine
-from simt.algorithms.inner_loop import Params
+from simt.algorithms.inner_loop import InnerStep, Params
 from simt.data.tasks import Task
 from simt.models import set_dropout
 
@@ -70,7 +70,8 @@ class ProtoNet:
         return prototype_logits(support, task.support_y, self._embed(params, task.query_x))
 
     @torch.no_grad()
-    def eval_outputs(self, params: Params, task: Task) -> torch.Tensor:
+    def eval_outputs(self, params: Params, task: Task, inner_step: InnerStep | None = None) -> torch.Tensor:
+        """`inner_step`: accepted for the learners' common interface; ProtoNet has no inner loop."""
         self.model.eval()  # running BN statistics, no dropout
         try:
             return self._logits(params, task)

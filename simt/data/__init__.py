@@ -1,6 +1,6 @@
 """Data sets: each builds a FewShotDataset of class-disjoint splits, images held as uint8 in memory."""
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,23 @@ class FewShotDataset:
     @property
     def image_size(self) -> int:
         return next(iter(self.splits.values())).images.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every split's images (and regression targets): what `to(device)` copies."""
+        return sum(t.numel() * t.element_size() for split in self.splits.values()
+                   for t in (split.images, getattr(split, "targets", None)) if t is not None)
+
+    def to(self, device: torch.device) -> "FewShotDataset":
+        """The same data set with its images (and targets) held on `device`; offsets stay on the CPU, where
+        the samplers do their index arithmetic."""
+        moved = {}
+        for name, split in self.splits.items():
+            fields = {"images": split.images.to(device)}
+            if isinstance(split, ObjectSplit):
+                fields["targets"] = split.targets.to(device)
+            moved[name] = replace(split, **fields)
+        return replace(self, splits=moved)
 
     def split(self, name: str) -> ClassSplit:
         if name not in self.splits:

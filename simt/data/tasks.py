@@ -2,6 +2,9 @@
 
 A split is one uint8 image tensor with the images of each class contiguous, plus class offsets, held in
 memory (or memory-mapped), so sampling a task is pure indexing: no decoding, no per-sample Python.
+The images may live on the training device (`trainer.data_on_device`): the samplers draw the indices on
+the CPU with their own generator (so the episode stream is the same bits on every device) and gather
+the episode's images with one indexing op where the images are, so a task never crosses the PCIe bus.
 """
 from dataclasses import dataclass
 
@@ -69,8 +72,8 @@ class TaskSampler:
         keys = torch.rand(self.ways, int(counts.max()), generator=self.generator)
         keys[torch.arange(keys.shape[1]) >= counts[:, None]] = 2.0
         order = keys.argsort(dim=1)[:, : self.shots + self.queries] + self.offsets[picked][:, None]
-        images = self.images[order].float().div_(255)  # (ways, shots + queries, C, H, W)
-        labels = torch.arange(self.ways)
+        images = self.images[order.to(self.images.device)].float().div_(255)  # (ways, shots + queries, C, H, W)
+        labels = torch.arange(self.ways, device=self.images.device)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (ways, n, ...) -> (ways * n, ...)
         return Task(
             support_x=flat(images[:, : self.shots]),
@@ -103,7 +106,7 @@ class ObjectTaskSampler:
     def sample(self) -> Task:
         obj = int(torch.randint(len(self.counts), (1,), generator=self.generator))
         rows = torch.randperm(int(self.counts[obj]), generator=self.generator)[: self.shots + self.queries]
-        rows = rows + self.offsets[obj]
+        rows = (rows + self.offsets[obj]).to(self.images.device)
         images, targets = self.images[rows].float().div_(255), self.targets[rows]
         return Task(images[: self.shots], targets[: self.shots], images[self.shots:], targets[self.shots:])
 

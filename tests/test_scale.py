@@ -1,0 +1,222 @@
+"""Scale-out features: meta-batches split across torchrun processes, device-resident data, bf16 autocast,
+the trainer.eval_batch key and batched evaluation's out-of-memory fallback.
+
+The multi-process tests use gloo on the CPU, as CI has no GPU; the `gpu` tests run on a CUDA machine
+(`make bench-gpu` runs them together with the benchmark).
+"""
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from simt import distributed, evaluator, pipeline
+from simt.data.tasks import Task
+from simt.trainer import Trainer, autocast, meta_batch_loss
+from tests.conftest import ROOT, fast, make_cfg, run_cli
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Float64Images:
+    """A sampler whose tasks' images are float64 (the test trains a float64 model; labels stay int64)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def sample(self) -> Task:
+        task = self.sampler.sample()
+        return Task(task.support_x.double(), task.support_y, task.query_x.double(), task.query_y)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+
+def _train(rank: int, world: int, port: int, algo: str, out: str) -> None:
+    """Train STEPS float64 meta-steps on `world` gloo processes; save every rank's parameters and buffers."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # float64: Adam's normalised steps amplify float32 summation noise
+    try:
+        _train_float64(rank, world, algo, out)
+    finally:
+        torch.set_default_dtype(previous)  # the 1-process run trains in the test's own process
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train_float64(rank: int, world: int, algo: str, out: str) -> None:
+    cfg = make_cfg(*fast(f"algo={algo}", "task.meta_batch_size=4", "simt.drop_p=0.0", "trainer.device=cpu"))
+    exp = pipeline.build(cfg)
+    sampler = _Float64Images(exp.dataset.split("train").sampler(pipeline.train_ways(cfg), cfg.task.shots,
+                                                                cfg.task.queries, seed=cfg.seed))
+    optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=1e-3)
+    trainer = Trainer(exp.learner, exp.target, optimizer, sampler, lambda step: {"student": 0.0, "target": 0.0},
+                      f"{out}/run", steps=STEPS, meta_batch_size=4, eval_every=100, checkpoint_every=100,
+                      device=torch.device("cpu"))
+    trainer.save = lambda: None  # checkpoints are tested elsewhere; here only the weights matter
+    trainer.fit()
+    state = {f"learner.{k}": v.detach().clone() for k, v in exp.learner.meta_parameters().items()}
+    state.update({f"buffer.{k}": v.clone() for k, v in exp.learner.momentum_buffers().items()})
+    state.update({f"target.{k}": v.clone() for k, v in exp.target.params.items()})
+    torch.save(state, f"{out}/rank{rank}-of-{world}.pt")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_two_gloo_processes_train_the_same_parameters_as_one(algo, tmp_path):
+    """The 2-process run splits each meta-batch of 4 tasks 2 + 2 and sums the gradients: after STEPS steps its
+    parameters and momentum target equal the 1-process run's within 1e-6, on both ranks."""
+    _train(0, 1, 0, algo, str(tmp_path))
+    mp.spawn(_train, args=(2, _free_port(), algo, str(tmp_path)), nprocs=2, join=True)
+    single = torch.load(tmp_path / "rank0-of-1.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt") for r in range(2)]
+    for key, expected in single.items():
+        if key.startswith("buffer.") or (key.startswith("target.") and "running" in key):
+            continue  # BN running statistics: the mean over ranks, not the single-process sequence (docstring)
+        if key.endswith("num_batches_tracked"):
+            continue
+        for rank, state in enumerate(ranks):
+            assert _relative_error(state[key], expected) <= 1e-6, (key, rank)
+    for key in single:  # every rank holds the same state, buffers included
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+def test_torchrun_cli_trains_on_two_processes_and_only_rank0_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*fast("trainer.device=cpu", "task.meta_batch_size=4"), f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py"),
+                           *args], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "results.json").is_file() and (run_dir / "best.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no second run directory from rank 1
+    assert done.stdout.count("training GradientLearner") + done.stderr.count("training GradientLearner") == 1
+    # Resume on two processes: extend to more steps from rank 0's checkpoint.
+    longer = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             str(ROOT / "run.py"), *args, "trainer.resume=true", "trainer.steps=6"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "steps 5..6" in longer.stderr + longer.stdout
+    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == 6
+
+
+def test_torchrun_refuses_sweeps_and_meta_batches_smaller_than_the_world(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py")]
+    sweep = subprocess.run([*torchrun, "-m", "algo=maml,anil"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert sweep.returncode != 0 and "error: torchrun runs one configuration" in sweep.stderr
+    small = subprocess.run([*torchrun, *fast("trainer.device=cpu", "task.meta_batch_size=1"),
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert small.returncode != 0
+    assert "error: task.meta_batch_size=1: expected at least 2 (one task or more per torchrun process)" in small.stderr
+
+
+def test_single_process_helpers_are_the_identity():
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.broadcast_object("x") == "x"
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce_sum(values), torch.tensor([1.0, 2.0]))
+
+
+# -- device-resident data ------------------------------------------------------------------------------
+
+def test_data_stays_in_host_memory_on_cpu_and_moves_whole_to_a_device():
+    exp = pipeline.build(make_cfg(*fast("trainer.device=cpu")))
+    assert pipeline.place_data(exp.dataset, torch.device("cpu"), True) is exp.dataset
+    moved = exp.dataset.to(torch.device("cpu"))
+    split = exp.dataset.split("train")
+    assert exp.dataset.nbytes == sum(s.images.numel() for s in exp.dataset.splits.values())
+    a = split.sampler(5, 1, 5, seed=3).sample()
+    b = moved.split("train").sampler(5, 1, 5, seed=3).sample()
+    assert all(torch.equal(x, y) for x, y in zip((a.support_x, a.query_y), (b.support_x, b.query_y)))
+
+
+@pytest.mark.gpu
+def test_tasks_sampled_on_the_gpu_are_the_cpu_tasks():
+    exp = pipeline.build(make_cfg(*fast("trainer.device=cpu")))
+    on_gpu = exp.dataset.to(torch.device("cuda"))
+    for name in ("train", "test"):
+        cpu_task = exp.dataset.split(name).sampler(5, 2, 5, seed=1).sample()
+        gpu_task = on_gpu.split(name).sampler(5, 2, 5, seed=1).sample()
+        assert gpu_task.support_x.is_cuda and gpu_task.query_y.is_cuda
+        for a, b in zip((cpu_task.support_x, cpu_task.support_y, cpu_task.query_x, cpu_task.query_y),
+                        (gpu_task.support_x, gpu_task.support_y, gpu_task.query_x, gpu_task.query_y)):
+            assert torch.equal(a, b.cpu())
+    built = pipeline.build(make_cfg(*fast("trainer.device=cuda", "trainer.data_on_device=true")))
+    assert built.dataset.split("train").images.is_cuda
+
+
+# -- precision -------------------------------------------------------------------------------------
+
+def _loss(device: str, precision: str) -> float:
+    exp = pipeline.build(make_cfg(*fast(f"trainer.device={device}")))
+    sampler = exp.dataset.split("train").sampler(5, 1, 5, seed=0)
+    tasks = [sampler.sample().to(exp.device) for _ in range(2)]
+    with autocast(exp.device, precision):
+        loss, _ = meta_batch_loss(exp.learner, exp.target, tasks)
+    loss.backward()  # second order through bf16 convolutions runs
+    return loss.item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_and_fp32_losses_agree_loosely_on_a_fixed_batch(device):
+    fp32, bf16 = _loss(device, "fp32"), _loss(device, "bf16")
+    assert torch.isfinite(torch.tensor(bf16)) and fp32 != bf16
+    assert abs(bf16 - fp32) <= 0.05 * abs(fp32), (fp32, bf16)
+
+
+def test_precision_and_eval_batch_keys_are_checked():
+    for override, message in (("trainer.precision=fp16", "trainer.precision='fp16': expected fp32 or bf16"),
+                              ("trainer.eval_batch=0", "trainer.eval_batch=0: expected auto or an integer >= 1"),
+                              ("trainer.data_on_device=gpu", "expected auto, true or false")):
+        done = run_cli(override)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_eval_batch_auto_follows_the_engine():
+    for engine, expected in (("loop", 1), ("batched", 64)):
+        cfg = make_cfg(*fast("trainer.device=cpu", f"algo.engine={engine}"))
+        assert pipeline.eval_batch(cfg, pipeline.build(cfg)) == expected
+    cfg = make_cfg(*fast("trainer.device=cpu", "trainer.eval_batch=7"))
+    assert pipeline.eval_batch(cfg, pipeline.build(cfg)) == 7
+
+
+def test_a_chunk_out_of_memory_is_retried_in_halves_with_the_same_scores(monkeypatch, caplog):
+    cfg = make_cfg(*fast("trainer.device=cpu"))
+    exp = pipeline.build(cfg)
+    episodes = lambda: exp.dataset.split("val").episodes(5, 1, 5, count=7, seed=0)  # noqa: E731
+    models = {"student": exp.learner.meta_parameters()}
+    reference = evaluator.evaluate(exp.learner, models, episodes(), exp.device)
+    real, sizes = evaluator._outputs, []
+
+    def at_most_two(learner, params, tasks):
+        sizes.append(len(tasks))
+        if len(tasks) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(learner, params, tasks)
+
+    monkeypatch.setattr(evaluator, "_outputs", at_most_two)
+    with caplog.at_level(logging.WARNING):
+        scores = evaluator.evaluate(exp.learner, models, episodes(), exp.device, batch_size=6)
+    assert sizes == [6, 3, 2, 2, 2, 1] and scores["student"] == pytest.approx(reference["student"], abs=1e-9)
+    assert "out of memory with 6 episodes at once, going on with 3" in caplog.text
