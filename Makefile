@@ -9,7 +9,7 @@ DATASET ?=
 DATA_DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all reproduce-table bench clean
+.PHONY: help install run test test-all reproduce-table bench bench-gpu gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,17 @@ reproduce-table: $(STAMP)  ## baseline vs SiMT table (PRESET=cpu|paper|smoke, DA
 
 bench: $(STAMP)  ## time a meta-step per engine vs an official-style loop (benchmarks/README.md); ARGS="--quick", "--device cuda", ...
 	$(PY) -m benchmarks.bench $(ARGS)
+
+bench-gpu:  ## the GPU checks in one go (< 10 min on an H100): gpu tests + benchmark on CUDA (benchmarks/gpu.sh)
+	bash benchmarks/gpu.sh
+
+# Wheels for a machine whose python3 (3.12) has torch but not our other dependencies (the lent GPU machines).
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 higher==0.2.1 optuna==5.0.0 sqlalchemy==2.1.9 alembic==1.20.1 \
+              colorlog==6.12.0 mako==1.4.3 kanjivg==20260714
+gpu-wheels: $(STAMP)  ## download those wheels into .whl/ (for bench-gpu on a machine without .venv)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: built here (pure Python)
 
 clean:  ## remove run outputs and caches (keeps .venv, the kanji cache, studies/ and results/)
 	rm -rf outputs multirun .pytest_cache

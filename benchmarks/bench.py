@@ -43,10 +43,11 @@ from simt import pipeline
 from simt.data.synthetic import synthetic
 from simt.data.tasks import TaskSampler
 from simt.evaluator import accuracy, evaluate
-from simt.trainer import meta_batch_loss
+from simt.trainer import autocast, meta_batch_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENGINES = ("official", "loop", "batched", "higher")  # official first: every ratio refers to it
+CUDA_ENGINES = (*ENGINES, "batched bf16")  # + trainer.precision=bf16 (autocast: CUDA's tensor cores)
 ALGOS = ("maml", "protonet")
 EVAL_TASKS = 2000  # the evaluation table reports time per this many test tasks
 EVAL_BATCH = 100  # default episodes per vmapped chunk of the batched evaluation (evaluate(batch_size=...))
@@ -133,15 +134,17 @@ def build(cfg: DictConfig, engine: str):
     return pipeline.build(OmegaConf.merge(cfg, {"algo": {"engine": engine}}))
 
 
-def engine_step(exp, cfg, setting: Setting) -> Callable[[], None]:
-    """One training step as simt.trainer.Trainer.fit runs it (without its logging and finiteness checks)."""
+def engine_step(exp, cfg, setting: Setting, precision: str = "fp32") -> Callable[[], None]:
+    """One training step as simt.trainer.Trainer.fit runs it (without its logging and finiteness checks).
+    The data set is where pipeline.build put it: on a GPU, on the device (trainer.data_on_device=auto)."""
     learner, target, device = exp.learner, exp.target, exp.device
     optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.trainer.lr)
     sampler = exp.dataset.split("train").sampler(setting.ways, setting.shots, setting.queries, seed=cfg.seed)
 
     def step():
         tasks = [sampler.sample().to(device) for _ in range(setting.meta_batch)]
-        loss, _ = meta_batch_loss(learner, target, tasks)
+        with autocast(device, precision):
+            loss, _ = meta_batch_loss(learner, target, tasks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -275,22 +278,24 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
         for simt in (False, True):
             cfg = compose_config(setting, algo, simt, device, args.threads)
             seconds, memory, flops = {}, {}, None
-            for engine in ENGINES:
-                exp = build(cfg, "loop" if engine == "official" else engine)
+            engines = CUDA_ENGINES if device.type == "cuda" else ENGINES
+            for engine in engines:
+                name, _, precision = engine.partition(" ")
+                exp = build(cfg, "loop" if engine == "official" else name)
                 if engine == "official":
                     if png is None:  # encode the training split once per setting: same pixels for every row
                         split = exp.dataset.split("train")
                         png = PngImages(split.images, split.offsets)
                     step = official_step(exp, cfg, setting, algo, png)
                 else:
-                    step = engine_step(exp, cfg, setting)
+                    step = engine_step(exp, cfg, setting, precision or "fp32")
                 if engine == "loop":
                     flops = count_flops(step)  # also a warm-up step
                 seconds[engine] = median_seconds(step, device, args.warmup, repeats)
                 memory[engine] = peak_memory_mb(step, device)
                 del step, exp
                 _free(device)
-            for engine in ENGINES:
+            for engine in engines:
                 rate = flops / seconds[engine]
                 rows.append({"setting": setting.label, "algo": algo, "SiMT": "yes" if simt else "no", "engine": engine,
                              "n": repeats, "ms/step": 1e3 * seconds[engine], "peak MB": memory[engine],
@@ -372,6 +377,8 @@ def _free(device: torch.device) -> None:
 # -- output ----------------------------------------------------------------------------------------
 
 def fmt(value) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not math.isfinite(value):
@@ -436,7 +443,40 @@ official: per-image PNG decode), copy it to the device, outer loss, backward, Ad
 FLOPs (convolutions and matrix products, double backward included) are counted once per (setting, algo,
 SiMT) on the loop engine with torch.utils.flop_counter.FlopCounterMode and used for every engine (same
 computation). All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
-inner loop: its `higher` row runs the loop's code. The ResNet-12 rows are the MAML-family network."""
+inner loop: its `higher` row runs the loop's code. The ResNet-12 rows are the MAML-family network.
+On CUDA the images are held on the GPU (trainer.data_on_device=auto) for our engines, and `batched bf16`
+is the batched engine under trainer.precision=bf16."""
+
+
+def _row(rows: list[dict], **match) -> dict | None:
+    return next((row for row in rows if all(row.get(k) == v for k, v in match.items())), None)
+
+
+def targets(device: torch.device, steps: list[dict], evals: list[dict], sampling: list[dict]) -> list[dict]:
+    """The issue's speed and memory targets, each with the measured ratio and whether it is met."""
+    found = []
+
+    def check(what: str, value: float | None, goal: float, higher: bool = True) -> None:
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        found.append({"target": what, "measured": value, "goal": f"{'>=' if higher else '<='} {goal}",
+                      "met": "n/a" if met is None else ("yes" if met else "NO")})
+
+    if device.type == "cpu":
+        default = [row["vs official"] for row in steps if row["engine"] == "loop"]  # algo.engine=auto on a CPU
+        check("default engine (loop) vs official, slowest row", min(default) if default else None, 1.0)
+    else:
+        key = dict(setting="conv4 28x28x1 5w1s", algo="maml", SiMT="yes")
+        loop, batched = _row(steps, engine="loop", **key), _row(steps, engine="batched", **key)
+        both = loop is not None and batched is not None
+        check("batched vs loop speed, Conv4 5w1s MAML+SiMT", loop["ms/step"] / batched["ms/step"] if both else None, 3.0)
+        check("batched / loop peak memory, same row", batched["peak MB"] / loop["peak MB"] if both else None, 2.0,
+              higher=False)
+        one = f"one at a time s/{EVAL_TASKS}"
+        ratios = [row[one] / row[f"batched s/{EVAL_TASKS}"] for row in evals]
+        check(f"batched vs one-at-a-time evaluation, slowest row", min(ratios) if ratios else None, 5.0)
+    rates = [row["ratio"] for row in sampling]
+    check("TaskSampler vs per-image PNG decode, slowest row", min(rates) if rates else None, 10.0)
+    return found
 
 
 def resnet_note(device: torch.device, quick: bool) -> str:
@@ -458,6 +498,7 @@ def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling
         f"simt.evaluator.evaluate episode by episode; `batched`: evaluate(batch_size=`batch`), that many episodes "
         f"adapted and scored at once under vmap (same scores); official: the official-style per-task loop.",
         "## Task sampling (CPU)", markdown_table(sampling, "ratio"),
+        "## Targets (ratios measured in this run)", markdown_table(targets(device, steps, evals, sampling)),
     ]) + "\n"
 
 

@@ -38,3 +38,13 @@ def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True, **popen)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped, not failed, where there is no CUDA device (e.g. `pytest -m gpu` on a laptop)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

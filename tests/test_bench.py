@@ -136,3 +136,22 @@ def test_png_episodes_decode_the_samplers_pixels(channels):
         decoded = png[index]
         assert decoded.dtype == torch.float32 and decoded.shape == image.shape
         assert torch.equal(decoded, image.float().div_(255))  # TaskSampler's conversion
+
+
+def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
+    key = {"setting": "conv4 28x28x1 5w1s", "algo": "maml", "SiMT": "yes"}
+    steps = [{**key, "engine": "loop", "ms/step": 90.0, "peak MB": 100.0, "vs official": 1.2},
+             {**key, "engine": "batched", "ms/step": 20.0, "peak MB": 250.0, "vs official": 5.4}]
+    evals = [{f"one at a time s/{bench.EVAL_TASKS}": 60.0, f"batched s/{bench.EVAL_TASKS}": 10.0}]
+    sampling = [{"ratio": 40.0}, {"ratio": 9.0}]
+    found = {row["target"]: row for row in bench.targets(torch.device("cuda"), steps, evals, sampling)}
+    speed = found["batched vs loop speed, Conv4 5w1s MAML+SiMT"]
+    assert speed["measured"] == pytest.approx(4.5) and speed["met"] == "yes"
+    memory = found["batched / loop peak memory, same row"]
+    assert memory["measured"] == pytest.approx(2.5) and memory["met"] == "NO"
+    assert found["batched vs one-at-a-time evaluation, slowest row"]["measured"] == pytest.approx(6.0)
+    assert found["TaskSampler vs per-image PNG decode, slowest row"]["met"] == "NO"  # 9x < 10x
+    cpu = bench.targets(torch.device("cpu"), steps, evals, sampling)
+    assert cpu[0]["measured"] == pytest.approx(1.2) and cpu[0]["met"] == "yes"
+    missing = bench.targets(torch.device("cuda"), [], [], [])
+    assert all(row["met"] == "n/a" for row in missing)
