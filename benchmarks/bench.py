@@ -197,6 +197,20 @@ def median_seconds(step: Callable[[], None], device: torch.device, warmup: int, 
     return statistics.median(timed(step, device) for _ in range(repeats))
 
 
+def interleaved_median_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                               repeats: int) -> dict[str, float]:
+    """Median seconds per step of every engine, timed round-robin (A, B, C, A, B, C, ...): a change in the
+    machine's load during the run then falls on every engine alike instead of on whichever ran at the time."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -271,13 +285,13 @@ def matmul_peak_flops(device: torch.device, quick: bool) -> tuple[float, int]:
 def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -> list[dict]:
     """Every (algo, SiMT, engine) of one setting."""
     repeats = args.repeats if args.repeats else (1 if device.type == "cpu" and setting.backbone == "resnet12"
-                                                 else (3 if device.type == "cpu" else 10))
+                                                 else (5 if device.type == "cpu" else 10))
     png = None
     rows = []
     for algo in setting.algos:
         for simt in (False, True):
             cfg = compose_config(setting, algo, simt, device, args.threads)
-            seconds, memory, flops = {}, {}, None
+            steps, flops = {}, None
             engines = CUDA_ENGINES if device.type == "cuda" else ENGINES
             for engine in engines:
                 name, _, precision = engine.partition(" ")
@@ -286,15 +300,15 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
                     if png is None:  # encode the training split once per setting: same pixels for every row
                         split = exp.dataset.split("train")
                         png = PngImages(split.images, split.offsets)
-                    step = official_step(exp, cfg, setting, algo, png)
+                    steps[engine] = official_step(exp, cfg, setting, algo, png)
                 else:
-                    step = engine_step(exp, cfg, setting, precision or "fp32")
+                    steps[engine] = engine_step(exp, cfg, setting, precision or "fp32")
                 if engine == "loop":
-                    flops = count_flops(step)  # also a warm-up step
-                seconds[engine] = median_seconds(step, device, args.warmup, repeats)
-                memory[engine] = peak_memory_mb(step, device)
-                del step, exp
-                _free(device)
+                    flops = count_flops(steps[engine])  # also a warm-up step
+            seconds = interleaved_median_seconds(steps, device, args.warmup, repeats)
+            memory = {engine: peak_memory_mb(step, device) for engine, step in steps.items()}
+            del steps, exp
+            _free(device)
             for engine in engines:
                 rate = flops / seconds[engine]
                 rows.append({"setting": setting.label, "algo": algo, "SiMT": "yes" if simt else "no", "engine": engine,
@@ -439,7 +453,7 @@ def header(args, device: torch.device, peak_flops: float, matmul_n: int, cpu_cor
 STEP_NOTES = """\
 A step is the trainer's: sample the meta-batch (our engines: TaskSampler on in-memory uint8 images;
 official: per-image PNG decode), copy it to the device, outer loss, backward, Adam, momentum update.
-`n`: timed repeats after warm-up (median reported). `vs official`: official ms / engine ms (> 1: faster).
+`n`: timed repeats after warm-up, taken round-robin over the engines (median reported). `vs official`: official ms / engine ms (> 1: faster).
 FLOPs (convolutions and matrix products, double backward included) are counted once per (setting, algo,
 SiMT) on the loop engine with torch.utils.flop_counter.FlopCounterMode and used for every engine (same
 computation). All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
@@ -516,7 +530,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores available)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default: 1, CUDA 3)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed steps per row (default: 3 on CPU, 1 for ResNet-12 on CPU, 10 on CUDA; --quick 2)")
+                        help="timed steps per row (default: 5 on CPU, 1 for ResNet-12 on CPU, 10 on CUDA; --quick 2)")
     parser.add_argument("--eval-tasks", type=int, default=None,
                         help=f"test tasks timed (default: {EVAL_TASKS} on CUDA, 100 on CPU, 10 for ResNet-12 on "
                              f"CPU, 3 with --quick), scaled to {EVAL_TASKS}")

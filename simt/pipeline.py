@@ -64,6 +64,7 @@ RULES = {
     "task.shots": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "task.queries": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "task.meta_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "task.min_shots": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "algo.inner_lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "algo.inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "algo.eval_inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -99,6 +100,8 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value != "<absent>" and not ok(value):
             raise ConfigError(key, value, expected)
+    if cfg.task.get("min_shots") is not None and cfg.task.min_shots > cfg.task.shots:
+        raise ConfigError("task.min_shots", cfg.task.min_shots, f"null or at most task.shots={cfg.task.shots}")
     if distributed.world_size() > cfg.task.meta_batch_size:
         raise ConfigError("task.meta_batch_size", cfg.task.meta_batch_size,
                           f"at least {distributed.world_size()} (one task or more per torchrun process)")
@@ -222,6 +225,30 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def cpu_threads(setting: int | None) -> int | None:
+    """`trainer.threads`; null: torch's default (one thread per core) for a process alone, else its share of
+    the cores: processes running beside it (parallel jobs of Hydra's joblib launcher, torchrun's local
+    ranks) would otherwise each start one thread per core and slow one another down."""
+    if setting:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = _processes_beside(cores)
+    return max(1, cores // processes) if processes > 1 else None
+
+
+def _processes_beside(cores: int) -> int:
+    """How many processes of this run or sweep share the machine: torchrun's LOCAL_WORLD_SIZE, or the joblib
+    launcher's n_jobs (-1: one per core) when this is one of its jobs."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return local
+    launcher = HydraConfig.get().launcher
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    return local * (cores if n_jobs == -1 else n_jobs or 1)
+
+
 def place_data(dataset: FewShotDataset, device: torch.device, setting: bool | str) -> FewShotDataset:
     """`trainer.data_on_device`: hold the splits on the training device, so tasks are gathered there (no
     host-to-device copy per task). `auto`: on a GPU when the images take at most a quarter of its free
@@ -241,8 +268,9 @@ def place_data(dataset: FewShotDataset, device: torch.device, setting: bool | st
 def build(cfg: DictConfig) -> Experiment:
     """Data, model, learner and (when SiMT is on) the momentum target, from a validated config."""
     device = pick_device(cfg.trainer.device)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads = cpu_threads(cfg.trainer.threads)
+    if threads:
+        torch.set_num_threads(threads)
     dataset: FewShotDataset = _instantiate(cfg.dataset)
     _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
                      min(split.smallest_class for split in dataset.splits.values()), dataset.name,
@@ -359,7 +387,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     exp = build(cfg)
     optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=cfg.trainer.lr)
-    sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed)
+    sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed,
+                                                 min_shots=cfg.task.get("min_shots"))
 
     def score_validation(step: int) -> dict[str, float]:
         scores = _evaluate(cfg, exp, "val", cfg.trainer.val_tasks, desc=f"val@{step}")
@@ -416,7 +445,7 @@ MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.c
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they
 # are left out of the config hash and of resume checks, so upgrading does not orphan finished results.
-LATER_KEYS = {"trainer.precision": "fp32"}
+LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None}
 
 
 def config_hash(resolved: dict) -> str:

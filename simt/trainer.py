@@ -122,7 +122,7 @@ class Trainer:
     def _meta_step(self, step: int) -> tuple[float, dict[str, float], bool]:
         """One outer step on this rank's share of the meta-batch; returns the meta-batch's loss and statistics
         (summed over ranks) and whether any rank was asked to stop."""
-        tasks = [self.sampler.sample() for _ in range(self.meta_batch_size)]  # all ranks draw all: one sampler state
+        tasks = self.sampler.sample_meta_batch(self.meta_batch_size)  # all ranks draw all: one sampler state
         own = [task.to(self.device) for task in distributed.shard(tasks)]
         with autocast(self.device, self.precision):
             loss, stats = meta_batch_loss(self.learner, self.target, own, self.metric)
@@ -154,8 +154,9 @@ class Trainer:
         different dropout stream per rank, derived from the (checkpointed) common one."""
         if distributed.world_size() == 1:
             return
-        target = list(self.target.params.values()) if self.target is not None else []
-        distributed.broadcast_tensors(list(self.learner.meta_parameters().values()) + self._buffers() + target)
+        target = list(self.target.params.values()) if self.target is not None else []  # its buffers included
+        distributed.broadcast_tensors([*self.learner.meta_parameters().values(),
+                                       *self.learner.momentum_buffers().values(), *target])
         torch.manual_seed(int(torch.randint(2**62, (1,))) + distributed.rank())
 
     def _fail(self, what: str):

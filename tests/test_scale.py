@@ -39,6 +39,9 @@ class _Float64Images:
         task = self.sampler.sample()
         return Task(task.support_x.double(), task.support_y, task.query_x.double(), task.query_y)
 
+    def sample_meta_batch(self, size: int) -> list[Task]:
+        return [self.sample() for _ in range(size)]
+
     def state_dict(self):
         return self.sampler.state_dict()
 
@@ -220,3 +223,26 @@ def test_a_chunk_out_of_memory_is_retried_in_halves_with_the_same_scores(monkeyp
         scores = evaluator.evaluate(exp.learner, models, episodes(), exp.device, batch_size=6)
     assert sizes == [6, 3, 2, 2, 2, 1] and scores["student"] == pytest.approx(reference["student"], abs=1e-9)
     assert "out of memory with 6 episodes at once, going on with 3" in caplog.text
+
+
+# -- CPU threads ----------------------------------------------------------------------------------------
+
+def test_cpu_threads_are_shared_out_among_processes_beside_each_other(monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert pipeline.cpu_threads(3) == 3 and pipeline.cpu_threads(None) is None  # alone: torch's default
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node=2 on a CPU machine
+    assert pipeline.cpu_threads(None) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with initialize_config_dir(config_dir=str(pipeline.CONF_DIR), version_base="1.3"):
+        for n_jobs, threads in ((2, 4), (3, 2), (-1, 1)):
+            cfg = compose("config", overrides=["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"],
+                          return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            try:
+                assert pipeline.cpu_threads(None) == threads, n_jobs
+            finally:
+                HydraConfig.instance().cfg = None

@@ -30,9 +30,9 @@ LABELS = ("support_y", "query_y")
 def resolve_engine(engine: str, device: torch.device) -> str:
     """The engine `auto` stands for on `device`; any other valid name is returned as it is.
 
-    For now: `loop` on CPU, where vmap measured slower than the per-task loop on these 2-core machines
-    (DESIGN.md section 6), and `batched` on CUDA, where the loop is launch-bound. To be revisited with the
-    benchmark's numbers (per device, backbone and meta-batch size).
+    CPU: `loop`, the faster of the two in `make bench` on this project's 2-core machines (benchmarks/results/:
+    vmap only adds work where kernels are compute-bound). CUDA: `batched`, because the loop is bound by
+    kernel launches there; `make bench-gpu` measures it (no GPU numbers yet: benchmarks/README.md).
     """
     if engine not in ENGINES:
         raise ValueError(f"algo.engine={engine!r}: expected one of {', '.join(ENGINES)}")

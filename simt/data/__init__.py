@@ -29,8 +29,8 @@ class ClassSplit:
     def smallest_class(self) -> int:
         return int((self.offsets[1:] - self.offsets[:-1]).min())
 
-    def sampler(self, ways: int, shots: int, queries: int, seed: int) -> TaskSampler:
-        return TaskSampler(self.images, ways, shots, queries, seed, offsets=self.offsets)
+    def sampler(self, ways: int, shots: int, queries: int, seed: int, min_shots: int | None = None) -> TaskSampler:
+        return TaskSampler(self.images, ways, shots, queries, seed, offsets=self.offsets, min_shots=min_shots)
 
     def episodes(self, ways: int, shots: int, queries: int, count: int, seed: int):
         """The same `count` episodes for a given seed (validation and test)."""
@@ -53,8 +53,9 @@ class ObjectSplit:
     def smallest_class(self) -> int:
         return int((self.offsets[1:] - self.offsets[:-1]).min())
 
-    def sampler(self, ways: int, shots: int, queries: int, seed: int) -> ObjectTaskSampler:
-        return ObjectTaskSampler(self.images, self.targets, self.offsets, shots, queries, seed)
+    def sampler(self, ways: int, shots: int, queries: int, seed: int,
+                min_shots: int | None = None) -> ObjectTaskSampler:
+        return ObjectTaskSampler(self.images, self.targets, self.offsets, shots, queries, seed, min_shots)
 
     def episodes(self, ways: int, shots: int, queries: int, count: int, seed: int):
         sampler = self.sampler(ways, shots, queries, seed)

@@ -42,7 +42,38 @@ def class_layout(images: torch.Tensor, offsets: torch.Tensor | None) -> tuple[to
     return images, offsets.long()
 
 
-class TaskSampler:
+class MetaBatchSampling:
+    """What the trainer calls: `sample_meta_batch(n)`. With `min_shots` set, each meta-batch draws its
+    support size uniformly from [min_shots, shots] (the official ShapeNet1D training: 3 to shot_max), the
+    same for all its tasks, so a meta-batch keeps one shape (the batched engine stacks it); the number of
+    queries stays fixed. Without it, exactly the tasks `sample()` draws one after another."""
+
+    shots: int
+    min_shots: int | None = None
+    generator: torch.Generator
+
+    def sample(self, shots: int | None = None) -> Task:
+        raise NotImplementedError
+
+    def sample_meta_batch(self, size: int) -> list[Task]:
+        shots = None
+        if self.min_shots is not None:
+            shots = int(torch.randint(self.min_shots, self.shots + 1, (1,), generator=self.generator))
+        return [self.sample(shots) for _ in range(size)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _check_min_shots(min_shots: int | None, shots: int) -> None:
+    if min_shots is not None and not 1 <= min_shots <= shots:
+        raise ValueError(f"task.min_shots={min_shots}: expected null or an integer in [1, task.shots={shots}]")
+
+
+class TaskSampler(MetaBatchSampling):
     """Draws N-way K-shot episodes from one split with its own seeded generator.
 
     The generator is private (not torch's global RNG), so the episode stream depends only on the seed and
@@ -50,7 +81,8 @@ class TaskSampler:
     """
 
     def __init__(self, images: torch.Tensor, ways: int, shots: int, queries: int, seed: int,
-                 offsets: torch.Tensor | None = None):
+                 offsets: torch.Tensor | None = None, min_shots: int | None = None):
+        _check_min_shots(min_shots, shots)
         if images.dtype != torch.uint8:
             raise ValueError(f"TaskSampler: expected uint8 images, got {images.dtype}")
         self.images, self.offsets = class_layout(images, offsets)
@@ -61,57 +93,52 @@ class TaskSampler:
         if shots + queries > smallest:
             raise ValueError(f"task.shots+task.queries={shots + queries}: the smallest class of the split has "
                              f"only {smallest} images")
-        self.ways, self.shots, self.queries = ways, shots, queries
+        self.ways, self.shots, self.queries, self.min_shots = ways, shots, queries, min_shots
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self) -> Task:
+    def sample(self, shots: int | None = None) -> Task:
+        """One episode; `shots` (at most task.shots) overrides the support size for it."""
+        shots = shots or self.shots
         picked = torch.randperm(len(self.counts), generator=self.generator)[: self.ways]
         counts = self.counts[picked]
         # A random subset of each picked class: sort random keys, with the keys of slots past a class's
         # size pushed to the end, and keep the first shots+queries.
         keys = torch.rand(self.ways, int(counts.max()), generator=self.generator)
         keys[torch.arange(keys.shape[1]) >= counts[:, None]] = 2.0
-        order = keys.argsort(dim=1)[:, : self.shots + self.queries] + self.offsets[picked][:, None]
+        order = keys.argsort(dim=1)[:, : shots + self.queries] + self.offsets[picked][:, None]
         images = self.images[order.to(self.images.device)].float().div_(255)  # (ways, shots + queries, C, H, W)
         labels = torch.arange(self.ways, device=self.images.device)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (ways, n, ...) -> (ways * n, ...)
         return Task(
-            support_x=flat(images[:, : self.shots]),
-            support_y=labels.repeat_interleave(self.shots),
-            query_x=flat(images[:, self.shots:]),
+            support_x=flat(images[:, :shots]),
+            support_y=labels.repeat_interleave(shots),
+            query_x=flat(images[:, shots:]),
             query_y=labels.repeat_interleave(self.queries),
         )
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class ObjectTaskSampler:
+class ObjectTaskSampler(MetaBatchSampling):
     """Regression episodes: one object per task (one glyph, one ShapeNet/Pascal object), `shots` support
     and `queries` query samples drawn from its images without replacement; y are float targets."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, shots: int,
-                 queries: int, seed: int):
+                 queries: int, seed: int, min_shots: int | None = None):
+        _check_min_shots(min_shots, shots)
         self.images, self.targets, self.offsets = images, targets, offsets.long()
         self.counts = self.offsets[1:] - self.offsets[:-1]
         if shots + queries > int(self.counts.min()):
             raise ValueError(f"task.shots+task.queries={shots + queries}: the smallest object of the split has "
                              f"only {int(self.counts.min())} samples")
-        self.shots, self.queries = shots, queries
+        self.shots, self.queries, self.min_shots = shots, queries, min_shots
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self) -> Task:
+    def sample(self, shots: int | None = None) -> Task:
+        shots = shots or self.shots
         obj = int(torch.randint(len(self.counts), (1,), generator=self.generator))
-        rows = torch.randperm(int(self.counts[obj]), generator=self.generator)[: self.shots + self.queries]
+        rows = torch.randperm(int(self.counts[obj]), generator=self.generator)[: shots + self.queries]
         rows = (rows + self.offsets[obj]).to(self.images.device)
         images, targets = self.images[rows].float().div_(255), self.targets[rows]
-        return Task(images[: self.shots], targets[: self.shots], images[self.shots:], targets[self.shots:])
-
-    state_dict = TaskSampler.state_dict
-    load_state_dict = TaskSampler.load_state_dict
+        return Task(images[:shots], targets[:shots], images[shots:], targets[shots:])
 
 
 def fixed_episodes(images: torch.Tensor, ways: int, shots: int, queries: int, count: int, seed: int,
