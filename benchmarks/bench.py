@@ -472,7 +472,9 @@ def targets(device: torch.device, steps: list[dict], evals: list[dict], sampling
 
     def check(what: str, value: float | None, goal: float, higher: bool = True) -> None:
         met = None if value is None else (value >= goal if higher else value <= goal)
-        found.append({"target": what, "measured": value, "goal": f"{'>=' if higher else '<='} {goal}",
+        # Three significant digits: a ratio of 0.998 must not print as a "1.00" that misses a 1.0 goal.
+        found.append({"target": what, "measured": None if value is None else f"{value:.3g}",
+                      "goal": f"{'>=' if higher else '<='} {goal}",
                       "met": "n/a" if met is None else ("yes" if met else "NO")})
 
     if device.type == "cpu":

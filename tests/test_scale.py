@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from simt import distributed, evaluator, pipeline
 from simt.data.tasks import Task
 from simt.trainer import Trainer, autocast, meta_batch_loss
-from tests.conftest import ROOT, fast, make_cfg, run_cli
+from tests.conftest import ROOT, fast, make_cfg
 
 STEPS = 3
 
@@ -102,34 +102,40 @@ def test_two_gloo_processes_train_the_same_parameters_as_one(algo, tmp_path):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
 
 
+def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py"),
+                           *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+
+
+TORCHRUN_ARGS = fast("trainer.device=cpu", "task.meta_batch_size=4")
+
+
 def test_torchrun_cli_trains_on_two_processes_and_only_rank0_writes(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*fast("trainer.device=cpu", "task.meta_batch_size=4"), f"hydra.run.dir={run_dir}"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py"),
-                           *args], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=300)
+    done = _torchrun(*TORCHRUN_ARGS, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run_dir / "results.json").is_file() and (run_dir / "best.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no second run directory from rank 1
-    assert done.stdout.count("training GradientLearner") + done.stderr.count("training GradientLearner") == 1
-    # Resume on two processes: extend to more steps from rank 0's checkpoint.
-    longer = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             str(ROOT / "run.py"), *args, "trainer.resume=true", "trainer.steps=6"], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert (done.stdout + done.stderr).count("training GradientLearner") == 1  # rank 1 logs warnings only
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_from_rank0s_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _torchrun(*TORCHRUN_ARGS, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    longer = _torchrun(*TORCHRUN_ARGS, f"hydra.run.dir={run_dir}", "trainer.resume=true", "trainer.steps=6",
+                       cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "steps 5..6" in longer.stderr + longer.stdout
     assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == 6
 
 
 def test_torchrun_refuses_sweeps_and_meta_batches_smaller_than_the_world(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py")]
-    sweep = subprocess.run([*torchrun, "-m", "algo=maml,anil"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    sweep = _torchrun("-m", "algo=maml,anil", cwd=tmp_path)
     assert sweep.returncode != 0 and "error: torchrun runs one configuration" in sweep.stderr
-    small = subprocess.run([*torchrun, *fast("trainer.device=cpu", "task.meta_batch_size=1"),
-                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    small = _torchrun(*fast("trainer.device=cpu", "task.meta_batch_size=1"), f"hydra.run.dir={tmp_path / 'run'}",
+                      cwd=tmp_path)
     assert small.returncode != 0
     assert "error: task.meta_batch_size=1: expected at least 2 (one task or more per torchrun process)" in small.stderr
 
@@ -188,12 +194,13 @@ def test_bf16_and_fp32_losses_agree_loosely_on_a_fixed_batch(device):
     assert abs(bf16 - fp32) <= 0.05 * abs(fp32), (fp32, bf16)
 
 
-def test_precision_and_eval_batch_keys_are_checked():
+def test_precision_eval_batch_and_data_on_device_keys_are_checked():
     for override, message in (("trainer.precision=fp16", "trainer.precision='fp16': expected fp32 or bf16"),
                               ("trainer.eval_batch=0", "trainer.eval_batch=0: expected auto or an integer >= 1"),
-                              ("trainer.data_on_device=gpu", "expected auto, true or false")):
-        done = run_cli(override)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
+                              ("trainer.data_on_device=gpu", "trainer.data_on_device='gpu': expected auto, true or false")):
+        with pytest.raises(pipeline.ConfigError) as error:
+            pipeline.check_config(make_cfg(*fast(override)))
+        assert str(error.value) == message
 
 
 def test_eval_batch_auto_follows_the_engine():
