@@ -275,7 +275,8 @@ def build(cfg: DictConfig) -> Experiment:
     _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
                      min(split.smallest_class for split in dataset.splits.values()), dataset.name,
                      dataset.regression)
-    dataset = place_data(dataset, device, cfg.trainer.get("data_on_device", "auto"))
+    on_device = cfg.trainer.get("data_on_device", "auto")  # absent from configs saved before the key existed
+    dataset = place_data(dataset, device, on_device)
     test_dataset = dataset
     if cfg.get("eval_dataset"):
         test_dataset = _instantiate(cfg.eval_dataset)
@@ -284,7 +285,7 @@ def build(cfg: DictConfig) -> Experiment:
                               f"({dataset.channels}x{dataset.image_size}x{dataset.image_size})")
         test = test_dataset.split("test")
         _check_task_fits(cfg, {"test": test.classes}, test.smallest_class, test_dataset.name)
-        test_dataset = place_data(test_dataset, device, cfg.trainer.get("data_on_device", "auto"))
+        test_dataset = place_data(test_dataset, device, on_device)
     learner_cls = get_class(cfg.algo._target_)
     if learner_cls.embedding_model and dataset.regression:
         raise ConfigError("algo", cfg.algo._target_.rsplit(".", 1)[-1], f"a gradient-based learner (maml, "
@@ -331,8 +332,8 @@ def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
 def eval_batch(cfg: DictConfig, exp: Experiment) -> int:
     """Episodes adapted at once at validation and test time (`trainer.eval_batch`). auto: 64 with the batched
     engine (a GPU, where one episode's kernels leave it idle; a chunk that does not fit is retried in
-    halves), else 1 (the CPU default engine; batched evaluation is also exact there, and is faster for small
-    images: benchmarks/README.md)."""
+    halves), else 1: on a CPU batched evaluation is exact too but measured slower at the paper's sizes
+    (README, Speed and scale)."""
     setting = cfg.trainer.get("eval_batch", "auto")
     if setting != "auto":
         return setting

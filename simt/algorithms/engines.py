@@ -49,15 +49,12 @@ def meta_batch_outputs(learner, theta: Params, target,
     """
     if learner.engine != "batched":
         return [_task_outputs(learner, theta, target, task) for task in tasks]
-    fields, in_dims = _stacked(tasks)
-    with exact_batch_norm(learner.model) as statistics:
-        def one_task(*task_fields):
-            student, teacher = _task_outputs(learner, theta, target, Task(*task_fields))
-            # statistics.values: this task's BN batch statistics (ProtoNet), returned so that vmap stacks them.
-            return (student,) if teacher is None else (student, teacher), statistics.values
 
-        outputs, values = torch.func.vmap(one_task, in_dims=in_dims, randomness="different")(*fields)
-        statistics.apply(values)
+    def one_task(task: Task):
+        student, teacher = _task_outputs(learner, theta, target, task)
+        return (student,) if teacher is None else (student, teacher)
+
+    outputs = _vmap_over_tasks(learner, one_task, tasks, randomness="different")  # a dropout mask per task
     students = outputs[0].unbind(0)
     teachers = outputs[1].unbind(0) if target is not None else [None] * len(tasks)
     return list(zip(students, teachers))
@@ -74,19 +71,22 @@ def batched_eval_outputs(learner, params: Params, tasks: list[Task]) -> list[tor
     Evaluation needs no meta-gradient, so `params` enter detached: no graph back to θ is kept per task.
     """
     params = {key: value.detach() for key, value in params.items()}
+    # randomness="error": evaluation draws nothing random (dropout is off), so a random op would be a bug.
+    outputs = _vmap_over_tasks(learner, lambda task: learner.eval_outputs(params, task, inner_step=func_sgd_step),
+                               tasks, randomness="error")
+    return list(outputs.unbind(0))
+
+
+def _vmap_over_tasks(learner, one_task, tasks: list[Task], randomness: str):
+    """`one_task(task)` for all `tasks` at once under vmap (outputs stacked over the tasks), with the model's
+    BatchNorm exact meanwhile. BN running-statistic updates (ProtoNet's training passes) cannot happen inside
+    vmap: each task's batch statistics are returned out of it and applied afterwards in the per-task order."""
     fields, in_dims = _stacked(tasks)
     with exact_batch_norm(learner.model) as statistics:
-        def one_task(*task_fields):
-            # statistics.values: BN running-statistic updates, as the per-episode path would make them
-            # (none for the learners here: ProtoNet evaluates on its running statistics, the MAML family
-            # keeps none); vmap stacks them per task, and apply() makes them in the per-episode order.
-            outputs = learner.eval_outputs(params, Task(*task_fields), inner_step=func_sgd_step)
-            return outputs, statistics.values
-
-        # randomness="error": evaluation draws nothing random (dropout is off), so a random op would be a bug.
-        outputs, values = torch.func.vmap(one_task, in_dims=in_dims, randomness="error")(*fields)
+        outputs, values = torch.func.vmap(lambda *task_fields: (one_task(Task(*task_fields)), statistics.values),
+                                          in_dims=in_dims, randomness=randomness)(*fields)
         statistics.apply(values)
-    return list(outputs.unbind(0))
+    return outputs
 
 
 def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:

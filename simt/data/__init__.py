@@ -97,21 +97,22 @@ class FewShotDataset:
     @property
     def nbytes(self) -> int:
         """Bytes of every split's images (and regression targets): what `to(device)` copies."""
-        return sum(t.numel() * t.element_size() for split in self.splits.values()
-                   for t in (split.images, getattr(split, "targets", None)) if t is not None)
+        return sum(tensor.numel() * tensor.element_size() for split in self.splits.values()
+                   for tensor in _per_sample_tensors(split).values())
 
     def to(self, device: torch.device) -> "FewShotDataset":
         """The same data set with its images (and targets) held on `device`; offsets stay on the CPU, where
         the samplers do their index arithmetic."""
-        moved = {}
-        for name, split in self.splits.items():
-            fields = {"images": split.images.to(device)}
-            if isinstance(split, ObjectSplit):
-                fields["targets"] = split.targets.to(device)
-            moved[name] = replace(split, **fields)
-        return replace(self, splits=moved)
+        return replace(self, splits={name: replace(split, **{field: tensor.to(device) for field, tensor
+                                                              in _per_sample_tensors(split).items()})
+                                     for name, split in self.splits.items()})
 
     def split(self, name: str) -> ClassSplit:
         if name not in self.splits:
             raise KeyError(f"dataset {self.name}: no split {name!r}; has {sorted(self.splits)}")
         return self.splits[name]
+
+
+def _per_sample_tensors(split: ClassSplit | ObjectSplit) -> dict[str, torch.Tensor]:
+    """The tensors of a split indexed by sample (images; regression targets too), not its offsets."""
+    return {field: getattr(split, field) for field in ("images", "targets") if hasattr(split, field)}
