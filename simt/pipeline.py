@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from simt import checkpoint, distributed
+from simt import allocator, checkpoint, distributed
 from simt.algorithms.engines import ENGINES
 from simt.algorithms.maml import ADAPT_SCOPES
 from simt.algorithms.metasgd import LR_SHAPES
@@ -91,6 +91,7 @@ RULES = {
     "trainer.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "trainer.eval_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or an integer >= 1"),
     "trainer.data_on_device": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "trainer.keep_freed_memory": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
 }
 
 
@@ -271,6 +272,7 @@ def build(cfg: DictConfig) -> Experiment:
     threads = cpu_threads(cfg.trainer.threads)
     if threads:
         torch.set_num_threads(threads)
+    allocator.apply(cfg.trainer.get("keep_freed_memory", "auto"), device)  # absent from configs saved before it
     dataset: FewShotDataset = _instantiate(cfg.dataset)
     _check_task_fits(cfg, {name: split.classes for name, split in dataset.splits.items()},
                      min(split.smallest_class for split in dataset.splits.values()), dataset.name,
@@ -436,12 +438,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 # Keys a resumed run may change: how long to train and how to run it, not what is trained.
 RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress", "algo.engine",
                      "trainer.checkpoint_every", "trainer.eval_tasks", "trainer.data_on_device", "trainer.eval_batch",
-                     "mode", "checkpoint"}
+                     "trainer.keep_freed_memory", "mode", "checkpoint"}
 
 
 # Keys that change how a run is carried out but not what it computes: left out of the config hash.
 MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.checkpoint_every", "algo.engine",
-             "trainer.data_on_device", "trainer.eval_batch", "mode", "checkpoint", "data_dir"}
+             "trainer.data_on_device", "trainer.eval_batch", "trainer.keep_freed_memory", "mode", "checkpoint",
+             "data_dir"}
 
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they

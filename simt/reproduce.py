@@ -95,7 +95,7 @@ def calibrate(config: dict) -> tuple[float, float]:
 
     from simt import pipeline
     from simt.evaluator import evaluate
-    from simt.trainer import meta_batch_loss
+    from simt.trainer import meta_batch_backward
 
     cfg = OmegaConf.create(config)
     exp = pipeline.build(cfg)
@@ -105,9 +105,8 @@ def calibrate(config: dict) -> tuple[float, float]:
     for _ in range(3):
         started = time.perf_counter()
         tasks = [sampler.sample().to(exp.device) for _ in range(cfg.task.meta_batch_size)]
-        loss, _ = meta_batch_loss(exp.learner, exp.target, tasks, exp.dataset.metric)
         optimizer.zero_grad()
-        loss.backward()
+        meta_batch_backward(exp.learner, exp.target, tasks, exp.dataset.metric)
         optimizer.step()
         times.append(time.perf_counter() - started)
     started = time.perf_counter()

@@ -27,27 +27,64 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
                     metric: Metric = ACCURACY) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over tasks of the outer loss: L_task, or SiMT's (1-λ)·L_task + λ·D when a target is given.
 
-    The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
-    at once under vmap); the losses and statistics are computed from them here, the same for every engine.
-    Returns the loss (with its graph) and plain-number statistics for logging.
+    Returns the loss (with the graph of every task) and plain-number statistics for logging. Training
+    uses `meta_batch_backward`, which accumulates the same gradient holding less of the graph at once.
     """
-    theta = learner.meta_parameters()
+    stats = _StatsMean(len(tasks))
+    return _summed_loss(learner, target, tasks, metric, stats) / len(tasks), stats.means
+
+
+def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: Metric = ACCURACY,
+                        scale: float = 1.0, precision: str = "fp32") -> tuple[float, dict[str, float]]:
+    """Accumulate the gradient of scale · meta_batch_loss into the meta-parameters' `.grad`; return the loss
+    (unscaled) and the statistics as plain numbers. Forward passes run under `autocast(precision)`,
+    backward passes outside it.
+
+    The per-task engines backpropagate each task's loss as soon as it exists, as the official code does:
+    one task's second-order graph (the activations of all its inner steps) is freed before the next task
+    runs, so the peak memory is one task's graph, not the meta-batch's; on a CPU that is faster too
+    (benchmarks/README.md). The batched engine builds one graph for all tasks and backpropagates it once.
+    """
+    groups = [tasks] if learner.engine == "batched" else [[task] for task in tasks]
+    total, stats = 0.0, _StatsMean(len(tasks))
+    for group in groups:
+        with autocast(group[0].query_x.device, precision):
+            loss = _summed_loss(learner, target, group, metric, stats)
+        (loss * (scale / len(tasks))).backward()
+        total += loss.item() / len(tasks)
+    return total, stats.means
+
+
+def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
+                 stats: "_StatsMean") -> torch.Tensor:
+    """Sum over `tasks` of the outer loss (with its graph); each task's statistics are added to `stats`.
+
+    The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
+    at once under vmap); losses and statistics are computed from them here, the same for every engine."""
     total = 0.0
-    stats = {"task_loss": 0.0, "distill_loss": 0.0, metric.name: 0.0}
-    if target is not None:
-        stats[f"target_{metric.name}"] = 0.0
-    for task, (student_out, teacher_out) in zip(tasks, meta_batch_outputs(learner, theta, target, tasks)):
+    outputs = meta_batch_outputs(learner, learner.meta_parameters(), target, tasks)
+    for task, (student_out, teacher_out) in zip(tasks, outputs):
         task_loss = learner.task_loss(student_out, task.query_y)
-        loss = task_loss
+        loss, task_stats = task_loss, {"task_loss": task_loss.item(), "distill_loss": 0.0,
+                                       metric.name: metric.fn(student_out.detach(), task.query_y)}
         if target is not None:
             loss, distill = target.loss(task_loss, student_out, teacher_out)
-            stats["distill_loss"] += distill.item() / len(tasks)
-        total = total + loss / len(tasks)
-        stats["task_loss"] += task_loss.item() / len(tasks)
-        stats[metric.name] += metric.fn(student_out.detach(), task.query_y) / len(tasks)
-        if target is not None:
-            stats[f"target_{metric.name}"] += metric.fn(teacher_out, task.query_y) / len(tasks)
-    return total, stats
+            task_stats["distill_loss"] = distill.item()
+            task_stats[f"target_{metric.name}"] = metric.fn(teacher_out, task.query_y)
+        stats.add(task_stats)
+        total = total + loss
+    return total
+
+
+class _StatsMean:
+    """Running means of per-task statistics over a meta-batch of `count` tasks."""
+
+    def __init__(self, count: int):
+        self.count, self.means = count, {}
+
+    def add(self, stats: dict[str, float]) -> None:
+        for name, value in stats.items():
+            self.means[name] = self.means.get(name, 0.0) + value / self.count
 
 
 def autocast(device: torch.device, precision: str):
@@ -124,16 +161,15 @@ class Trainer:
         (summed over ranks) and whether any rank was asked to stop."""
         tasks = self.sampler.sample_meta_batch(self.meta_batch_size)  # all ranks draw all: one sampler state
         own = [task.to(self.device) for task in distributed.shard(tasks)]
-        with autocast(self.device, self.precision):
-            loss, stats = meta_batch_loss(self.learner, self.target, own, self.metric)
         share = len(own) / self.meta_batch_size  # this rank's part of the mean over the meta-batch
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = meta_batch_backward(self.learner, self.target, own, self.metric, scale=share,
+                                          precision=self.precision)
         totals = distributed.all_reduce_sum(torch.tensor(
-            [loss.item() * share, *(value * share for value in stats.values()), float(bool(self._stop_signal))],
+            [loss * share, *(value * share for value in stats.values()), float(bool(self._stop_signal))],
             dtype=torch.float64))
         if not math.isfinite(totals[0]):  # stop before the step: the last good checkpoint stays intact
             self._fail(f"non-finite outer loss ({totals[0].item()}) at step {step}")
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * share).backward()
         params = self.learner.meta_parameters()
         distributed.all_reduce_gradients(list(params.values()))
         self.optimizer.step()

@@ -52,7 +52,7 @@ def test_quick_benchmark_prints_and_writes_the_tables(tmp_path):
     header, rows = _table(done.stdout, "Meta-training step")
     assert tuple(header) == bench.COLUMNS
     expected = {(s.label, algo, simt, engine) for s in bench.settings(True, torch.device("cpu"))
-                for algo, simt, engine in itertools.product(s.algos, ("no", "yes"), bench.ENGINES)}
+                for algo, simt, engine in itertools.product(s.algos, ("no", "yes"), bench.CPU_ENGINES)}
     assert {tuple(row[:4]) for row in rows} == expected and len(rows) == len(expected)
     for row in rows:
         values = dict(zip(header, row))
@@ -153,6 +153,10 @@ def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
     assert found["TaskSampler vs per-image PNG decode, slowest row"]["met"] == "NO"  # 9x < 10x
     cpu = bench.targets(torch.device("cpu"), steps, evals, sampling)
     assert cpu[0]["measured"] == "1.2" and cpu[0]["met"] == "yes"
+    assert cpu[1]["target"].startswith("loop with glibc's malloc defaults") and cpu[1]["met"] == "n/a"
+    alone = bench.targets(torch.device("cpu"), [*steps, {**steps[0], "engine": "loop glibc", "vs official": 0.95}],
+                          evals, sampling)[1]
+    assert (alone["measured"], alone["goal"], alone["met"]) == ("0.95", "(for information)", "n/a")
     almost = [{**steps[0], "vs official": 0.9984}]
     assert bench.targets(torch.device("cpu"), almost, evals, sampling)[0]["measured"] == "0.998"
     missing = bench.targets(torch.device("cuda"), [], [], [])

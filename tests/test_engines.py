@@ -24,7 +24,7 @@ from simt.evaluator import Metric
 from simt.models import Conv4, ConvRegressor, ResNet12
 from simt.models.batch_norm import ExactBatchNorm2d, exact_batch_norm
 from simt.momentum import MomentumTarget
-from simt.trainer import meta_batch_loss
+from simt.trainer import meta_batch_backward, meta_batch_loss
 from tests.conftest import fast, make_cfg, run_cli
 
 F64 = torch.float64
@@ -76,18 +76,22 @@ def _target(learner) -> MomentumTarget:
 
 @functools.lru_cache(maxsize=None)
 def _meta_step(algo: str, backbone: str, engine: str, simt: bool, shuffle_labels: bool = False):
-    """One meta-batch: flattened meta-gradient, logged statistics, BN buffers (student's and target's)."""
+    """One meta-batch as the trainer runs it (meta_batch_backward): flattened meta-gradient, logged
+    statistics, BN buffers (student's and target's)."""
     learner = _learner(algo, backbone, engine)
     target = _target(learner) if simt else None
-    theta = learner.meta_parameters()
-    loss, stats = meta_batch_loss(learner, target, _tasks(shuffle_labels=shuffle_labels))
-    grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(theta.values(), grads)])
+    _, stats = meta_batch_backward(learner, target, _tasks(shuffle_labels=shuffle_labels))
+    flat = _flat_grads(learner)
     model_buffers = dict(learner.model.named_buffers())  # ProtoNet's running statistics; none in the MAML family
     buffers = {f"student.{k}": v.clone() for k, v in model_buffers.items()}
     if target is not None:
         buffers.update({f"target.{k}": target.params[k].clone() for k in model_buffers})
     return flat, stats, buffers
+
+
+def _flat_grads(learner) -> torch.Tensor:
+    params = learner.meta_parameters().values()
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
 
 
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -170,6 +174,41 @@ def test_batched_engine_runs_the_meta_batch_in_one_vmapped_call(engine, calls, m
     monkeypatch.setattr(learner, "student_outputs", lambda *args: seen.append(1) or original(*args))
     meta_batch_loss(learner, None, _tasks(count=2))
     assert len(seen) == calls
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_backward_per_task_accumulates_the_gradient_of_the_mean_loss(engine, algo):
+    """meta_batch_backward (what training runs) against autograd.grad of meta_batch_loss, the whole
+    meta-batch in one graph; with SiMT, and scaled as a torchrun rank scales its share."""
+    learner = _learner(algo, "conv4", engine)
+    target = _target(learner)
+    loss, stats = meta_batch_loss(learner, target, _tasks(count=3))
+    theta = list(learner.meta_parameters().values())
+    grads = torch.autograd.grad(loss, theta, allow_unused=True)
+    reference = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(theta, grads)])
+    if algo == "protonet":  # the BN running statistics moved in that pass: start the second from the same
+        learner = _learner(algo, "conv4", engine)
+        target = _target(learner)
+    value, backward_stats = meta_batch_backward(learner, target, _tasks(count=3), scale=0.5)
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    assert backward_stats == pytest.approx(stats, rel=1e-12)
+    assert _relative_error(_flat_grads(learner), 0.5 * reference) <= 1e-12
+
+
+@pytest.mark.parametrize("engine,expected", [("loop", ["task", "backward"] * 3), ("higher", ["task", "backward"] * 3),
+                                             ("batched", ["task", "backward"])])  # vmap: one call for all tasks
+def test_per_task_engines_backpropagate_each_task_before_running_the_next(engine, expected):
+    """The loop keeps one task's graph at a time (peak memory: one task, as the official code);
+    the batched engine has one graph for the meta-batch."""
+    learner = _learner("maml", "conv4", engine)
+    order = []
+    weight = learner.meta_parameters()["classifier.weight"]
+    weight.register_post_accumulate_grad_hook(lambda param: order.append("backward"))  # .grad, not autograd.grad
+    original = learner.student_outputs
+    learner.student_outputs = lambda *args: order.append("task") or original(*args)
+    meta_batch_backward(learner, None, _tasks(count=3))
+    assert order == expected
 
 
 def test_higher_engine_adapts_with_higher(monkeypatch):

@@ -145,14 +145,14 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real, calls = trainer.meta_batch_loss, []
+    real, calls = trainer.meta_batch_backward, []
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), stats
 
-    monkeypatch.setattr(trainer, "meta_batch_loss", poisoned)
+    monkeypatch.setattr(trainer, "meta_batch_backward", poisoned)
     with pytest.raises(trainer.NonFiniteError, match="non-finite outer loss .* at step 3; stopped, last checkpoint kept at step 2"):
         pipeline.run(make_cfg(*fast("trainer.checkpoint_every=2", "trainer.steps=6")), tmp_path)
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
