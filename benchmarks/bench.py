@@ -18,7 +18,6 @@ The tables are printed and written to benchmarks/results/.
 """
 import argparse
 import copy
-import ctypes
 import dataclasses
 import datetime
 import gc
@@ -49,8 +48,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENGINES = ("official", "loop", "batched", "higher")  # official first: every ratio refers to it
 CUDA_ENGINES = (*ENGINES, "batched bf16")  # + trainer.precision=bf16 (autocast: CUDA's tensor cores)
 # + the loop with glibc's default malloc settings (trainer.keep_freed_memory=false), as the official-style rows
-# run: their ratio is the code's alone, without the allocator setting that run.py applies on a CPU.
-CPU_ENGINES = (*ENGINES, "loop glibc")
+# run: their ratio is the code's alone, without the allocator setting that run.py applies on a CPU. It is
+# timed right after the official row, so that the round-robin switches the allocator settings only twice.
+CPU_ENGINES = (ENGINES[0], "loop glibc", *ENGINES[1:])
 ALGOS = ("maml", "protonet")
 EVAL_TASKS = 2000  # the evaluation table reports time per this many test tasks
 EVAL_BATCH = 100  # default episodes per vmapped chunk of the batched evaluation (evaluate(batch_size=...))
@@ -224,12 +224,6 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _release_free_heap() -> None:
-    """Hand freed heap back to the OS (glibc), so that the next step's growth in RSS is its own."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 CPU_MEMORY_METHOD = ("peak resident-set growth during one extra step over the RSS just before it, sampled "
@@ -250,7 +244,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     gc.collect()
-    _release_free_heap()
+    allocator.release()  # so that the next step's growth in RSS is its own
     if not os.path.exists("/proc/self/statm"):
         unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -353,9 +347,10 @@ def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
             evaluate(exp.learner, models, episodes, device, batch_size=batch_size)
 
         def theirs(n):
-            for _ in range(n):  # scored per task, as evaluate() does (one host sync per task on CUDA)
-                task = png.sample().to(device)
-                accuracy(official.eval_logits(task), task.query_y)
+            with allocator.glibc_defaults():  # as the official code runs
+                for _ in range(n):  # scored per task, as evaluate() does (one host sync per task on CUDA)
+                    task = png.sample().to(device)
+                    accuracy(official.eval_logits(task), task.query_y)
 
         ours(1), ours(batch, batch), theirs(1)  # warm-up (the batched one at the timed batch size)
         seconds = {"one": timed(lambda: ours(count), device), "batched": timed(lambda: ours(count, batch), device),
@@ -395,6 +390,7 @@ def sampling_rows(args) -> list[dict]:
 
 def _free(device: torch.device) -> None:
     gc.collect()
+    allocator.release()  # what trainer.keep_freed_memory kept for the last rows' allocation pattern
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -551,7 +547,7 @@ def parse_args(argv=None):
                              f"CPU, 3 with --quick), scaled to {EVAL_TASKS}")
     parser.add_argument("--only", default=None, help="run only the settings whose label contains this text, "
                                                      "e.g. 'conv4 28x28'")
-    parser.add_argument("--engines", default=",".join(CUDA_ENGINES + CPU_ENGINES[len(ENGINES):]),
+    parser.add_argument("--engines", default=",".join(sorted(set(CUDA_ENGINES + CPU_ENGINES))),
                         help="comma-separated engine rows to time (default: all for the device); official is "
                              "always timed: every ratio refers to it")
     parser.add_argument("--out", default=None, help="where to write the tables (default: benchmarks/results/"

@@ -10,7 +10,10 @@ resident size then stays at its peak, which it reaches on every step anyway.
 
 This is glibc's `mallopt` (no large block is mmapped, the heap is never trimmed); on another C library it
 does nothing. It is process-wide and can be undone (`glibc_defaults`), which the benchmark uses to run its
-official-style baseline with the allocator a plain PyTorch process has.
+official-style baseline with the allocator a plain PyTorch process has. What is kept is handed back to the
+system with `release()` where the pattern of allocations changes (simt.evaluator.evaluate does, before
+and after every evaluation): memory kept from one phase would otherwise sit beside the next phase's, when
+that one needs blocks of other sizes (a kept heap reuses freed blocks, but does not compact them).
 """
 import contextlib
 import ctypes
@@ -66,11 +69,21 @@ def apply(setting: bool | str, device) -> bool:
     return keep_freed_memory(setting is True or (setting == "auto" and str(device).startswith("cpu")))
 
 
+def release() -> None:
+    """Hand the memory kept so far back to the system (glibc's malloc_trim); the next allocations fault
+    fresh pages in once more. A no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def glibc_defaults():
-    """Run the body with glibc's settled default settings, then restore what was in effect."""
+    """Run the body with glibc's settled default settings, from a released heap (as a process that never
+    kept memory), then restore what was in effect."""
     was = _kept
     keep_freed_memory(False)
+    release()
     try:
         yield
     finally:
