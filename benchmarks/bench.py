@@ -224,8 +224,6 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-
-
 CPU_MEMORY_METHOD = ("peak resident-set growth during one extra step over the RSS just before it, sampled "
                      "every 1 ms from /proc/self/statm after malloc_trim(0) (torch's CPU allocator is invisible "
                      "to tracemalloc); without /proc, the growth of getrusage's ru_maxrss high-water mark")

@@ -1,7 +1,6 @@
 """Meta-test evaluation: the same seeded episodes for every model, per-episode scores, mean and 95% CI."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -65,11 +64,8 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
     if total is None and isinstance(episodes, Sized):  # as tqdm does for a plain loop
         total = len(episodes)
     episodes, queue = iter(episodes), []  # queue: episodes taken from `episodes`, not scored yet
-    # trainer.keep_freed_memory (CPU runs): what training kept does not fit evaluation's block sizes, nor the
-    # other way round, so each hands its memory back. Vmapped chunks fragment a kept heap (20 episodes at
-    # 84x84 5-shot: over 24 GB kept against 14.6 GB with glibc's defaults), so batches run with the defaults.
-    allocator.release()
-    with allocator.glibc_defaults() if batch_size > 1 else contextlib.nullcontext(), \
+    # trainer.keep_freed_memory (CPU runs): evaluation hands kept memory back, and batches run without keeping it
+    with allocator.evaluation(batched=batch_size > 1), \
             tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
         while True:
             queue += [task.to(device) for task in itertools.islice(episodes, max(0, batch_size - len(queue)))]
@@ -89,7 +85,6 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
             for name, outs in outputs.items():
                 scores[name].extend(metric.fn(out, task.query_y) for out, task in zip(outs, chunk))
             bar.update(len(chunk))
-    allocator.release()
     return scores
 
 
