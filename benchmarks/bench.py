@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -510,7 +511,8 @@ def resnet_note(device: torch.device, quick: bool) -> str:
     return "\nResNet-12 on a CPU: minutes per step, so 1 warm-up and 1 timed repeat (unless --repeats)."
 
 
-def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling) -> str:
+def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling, failures=()) -> str:
+    failed = ["## Settings that failed (their rows are missing)", "\n".join(failures)] if failures else []
     return "\n\n".join([
         header(args, device, peak_flops, matmul_n, cpu_cores),
         "## Meta-training step", markdown_table(steps, "vs official"), STEP_NOTES + resnet_note(device, args.quick),
@@ -522,6 +524,7 @@ def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling
         f"adapted and scored at once under vmap (same scores); official: the official-style per-task loop.",
         "## Task sampling (CPU)", markdown_table(sampling, "ratio"),
         "## Targets (ratios measured in this run)", markdown_table(targets(device, steps, evals, sampling)),
+        *failed,
     ]) + "\n"
 
 
@@ -580,21 +583,26 @@ def main(argv=None) -> int:
     peak_flops, matmul_n = matmul_peak_flops(device, args.quick)
     path = output_path(args, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    steps, evals, sampling = [], [], []
+    steps, evals, sampling, failures = [], [], [], []
     for done, setting in enumerate(chosen, 1):
-        steps += step_rows(setting, device, args, peak_flops)
-        evals += eval_rows(setting, device, args)
+        try:
+            steps += step_rows(setting, device, args, peak_flops)
+            evals += eval_rows(setting, device, args)
+        except RuntimeError as error:  # torch.OutOfMemoryError among them: the other settings still run
+            traceback.print_exc()
+            failures.append(f"- {setting.label}: {type(error).__name__}: {str(error).splitlines()[0]}")
+            _free(device)
         # Written after every setting, so that a long run stopped early keeps what it measured.
-        path.write_text(report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling)
+        path.write_text(report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling, failures)
                         + f"\nPartial: {done} of {len(chosen)} settings so far, "
                           f"{time.perf_counter() - started:.0f} s.\n")
     sampling = sampling_rows(args)
-    text = report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling)
+    text = report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling, failures)
     text += f"\nWall time of the whole benchmark: {time.perf_counter() - started:.0f} s.\n"
     path.write_text(text)
     print(text)
     print(f"written to {path}", file=sys.stderr)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -161,3 +161,25 @@ def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
     assert bench.targets(torch.device("cpu"), almost, evals, sampling)[0]["measured"] == "0.998"
     missing = bench.targets(torch.device("cuda"), [], [], [])
     assert all(row["met"] == "n/a" for row in missing)
+
+
+def test_a_setting_that_fails_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    """An out-of-memory error in one setting (e.g. ResNet-12 on a small GPU) must not lose the other tables."""
+    measured = []
+
+    def step_rows(setting, device, args, peak_flops):
+        if setting.image_size == 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.50 GiB\nmore detail")
+        measured.append(setting.label)
+        return []
+
+    monkeypatch.setattr(bench, "step_rows", step_rows)
+    monkeypatch.setattr(bench, "eval_rows", lambda setting, device, args: [])
+    monkeypatch.setattr(bench, "sampling_rows", lambda args: [])
+    monkeypatch.setattr(bench, "matmul_peak_flops", lambda device, quick: (1e9, 8))
+    out = tmp_path / "bench.md"
+    assert bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 1
+    assert measured == ["conv4 28x28x1 5w1s"]
+    text = out.read_text()
+    assert "## Settings that failed" in text
+    assert "- conv4 32x32x3 5w1s: OutOfMemoryError: CUDA out of memory. Tried to allocate 13.50 GiB\n" in text
