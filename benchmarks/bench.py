@@ -42,7 +42,7 @@ from benchmarks.official import OfficialMAML, OfficialProtoNet, PngEpisodes, Png
 from simt import allocator, pipeline
 from simt.data.synthetic import synthetic
 from simt.data.tasks import TaskSampler
-from simt.evaluator import accuracy, evaluate
+from simt.evaluator import accuracy, evaluate, largest_chunk
 from simt.trainer import meta_batch_backward
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -330,12 +330,14 @@ def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
     (vmap), against the official-style loop (PNG episodes, per-task adaptation)."""
     count = args.eval_tasks or (3 if args.quick else EVAL_TASKS if device.type == "cuda"
                                 else 10 if setting.backbone == "resnet12" else 100)
-    batch = min(setting.eval_batch, count)
     rows = []
     for algo in setting.algos:
         cfg = compose_config(setting, algo, False, device, args.threads)
         exp = build(cfg, "loop")
         test = exp.dataset.split("test")
+        # As evaluate() would cut it: no activation of a chunk beyond what cuDNN takes (simt.evaluator).
+        episode = next(iter(test.episodes(setting.ways, setting.shots, setting.queries, 1, seed=0)))
+        batch = largest_chunk(exp.learner.model, episode.to(device), min(setting.eval_batch, count))
         official = official_learner(exp, cfg, algo)
         png = PngEpisodes(PngImages(test.images, test.offsets), setting.ways, setting.shots, setting.queries,
                           seed=cfg.trainer.episode_seed)

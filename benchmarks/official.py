@@ -41,7 +41,7 @@ Weights = dict[str, torch.Tensor]  # an OrderedDict of named parameters, some re
 
 def encode_png(image: torch.Tensor) -> bytes:
     """uint8 (C, H, W) -> PNG bytes (grey for one channel, RGB for three), as image files on disk hold."""
-    array = image.numpy()
+    array = image.cpu().numpy()
     array = array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

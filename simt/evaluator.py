@@ -64,6 +64,7 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
     if total is None and isinstance(episodes, Sized):  # as tqdm does for a plain loop
         total = len(episodes)
     episodes, queue = iter(episodes), []  # queue: episodes taken from `episodes`, not scored yet
+    capped = batch_size == 1  # the chunk size is checked against the largest tensor it makes once, at the first chunk
     # trainer.keep_freed_memory (CPU runs): evaluation hands kept memory back, and batches run without keeping it
     with allocator.evaluation(batched=batch_size > 1), \
             tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
@@ -71,6 +72,8 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
             queue += [task.to(device) for task in itertools.islice(episodes, max(0, batch_size - len(queue)))]
             if not queue:
                 break
+            if not capped:
+                capped, batch_size = True, min(batch_size, largest_chunk(learner.model, queue[0], batch_size, desc))
             chunk = queue[:batch_size]
             try:
                 outputs = {name: _outputs(learner, params, chunk) for name, params in models.items()}
@@ -86,6 +89,45 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
                 scores[name].extend(metric.fn(out, task.query_y) for out, task in zip(outs, chunk))
             bar.update(len(chunk))
     return scores
+
+
+# The most elements one activation tensor may hold: cuDNN indexes tensors with 32-bit integers and refuses
+# larger ones (CUDNN_STATUS_NOT_SUPPORTED, seen on an H100 batching 100 Conv4-64 episodes of 80 84x84 images).
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def largest_chunk(model: torch.nn.Module, task: Task, wanted: int, desc: str = "eval") -> int:
+    """The most episodes like `task` (at most `wanted`) that one batched chunk may hold: under vmap the
+    episodes' images pass through each layer as one tensor, so the widest activation of one image times
+    the images of a chunk must stay within MAX_TENSOR_ELEMENTS."""
+    widest = widest_activation(model, task.query_x[:2])
+    per_episode = widest * max(len(task.support_x), len(task.query_x))  # support and query pass separately
+    most = max(1, MAX_TENSOR_ELEMENTS // per_episode)
+    if most < wanted:
+        log.info("%s: %d episodes at once (not %d): one activation of %d would exceed %d elements", desc, most,
+                 wanted, wanted, MAX_TENSOR_ELEMENTS)
+    return min(wanted, most)
+
+
+def widest_activation(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Elements per image of the largest output of any layer of `model`, measured on a few `images` in eval
+    mode (no running statistic is updated, no dropout drawn)."""
+    widest = [images[0].numel()]
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            widest[0] = max(widest[0], output.numel() // len(images))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return widest[0]
 
 
 def _outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:

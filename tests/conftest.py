@@ -33,9 +33,16 @@ def make_cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: ROOT first on PYTHONPATH, then whatever the caller's path holds
+    (e.g. a GPU machine's dependencies installed outside site-packages)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """`python run.py ARGS` in a subprocess (the way users call it)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True, **popen)
 

@@ -151,3 +151,26 @@ def test_episodes_of_different_shapes_in_one_chunk_are_a_one_line_error():
     assert "(6, 1, 16, 16)" in message and "(9, 1, 16, 16)" in message  # the query shapes that differ
     with pytest.raises(ValueError, match="trainer.eval_batch=0: expected a positive number"):
         evaluate(learner, _models(learner), episodes, CPU, batch_size=0)
+
+
+def test_chunks_stay_within_the_largest_tensor_cudnn_takes(monkeypatch):
+    """A chunk whose widest activation would exceed MAX_TENSOR_ELEMENTS (cuDNN's 32-bit indexing; an H100
+    refused 100 Conv4-64 episodes of 84x84 images) is cut to the most episodes that fit; scores unchanged."""
+    from simt import evaluator
+    from simt.algorithms import engines
+
+    learner = _learner("protonet")
+    models, episodes = _models(learner), _episodes()
+    widest = 4 * 16 * 16  # Conv4 (hidden 4) on 16x16 images: the first block's output per image
+    assert evaluator.widest_activation(learner.model, episodes[0].query_x[:2]) == widest
+    expected = evaluate(learner, models, episodes, CPU, LOSS)
+    monkeypatch.setattr(evaluator, "MAX_TENSOR_ELEMENTS", 2 * WAYS * 2 * widest)  # two episodes of 6 images
+    sizes = []
+    batched = engines.batched_eval_outputs
+    monkeypatch.setattr(engines, "batched_eval_outputs",
+                        lambda learner, params, tasks: sizes.append(len(tasks)) or batched(learner, params, tasks))
+    before = _state(learner, models)
+    got = evaluate(learner, models, episodes, CPU, LOSS, batch_size=5)
+    assert sizes == [2, 2, 2] * len(models)  # 7 episodes per model: 2+2+2, and the last one alone (unbatched)
+    assert list(got) == list(expected) and all(got[k] == pytest.approx(v, rel=1e-10) for k, v in expected.items())
+    assert all(torch.equal(_state(learner, models)[k], v) for k, v in before.items())  # the probe changed nothing

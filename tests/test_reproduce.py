@@ -1,7 +1,6 @@
 """`make reproduce-table`: presets, the plan, a tiny grid end to end, skipping finished runs on a re-run,
 and the paper preset's plan on fixture data."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 
 import fixtures_images
-from conftest import ROOT
+from conftest import ROOT, child_env
 from simt import reproduce
 
 
 def reproduce_cli(*args: str, timeout: float = 900, **popen):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "simt.reproduce", *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True, **popen)
 
@@ -77,7 +76,7 @@ def test_a_failed_run_shows_as_failed(tmp_path):
 def test_paper_preset_prints_its_plan_and_starts_on_fixtures(tmp_path):
     data = tmp_path / "data"
     fixtures_images.write_all(data, classes_per_split={"train": 20, "val": 5, "test": 5})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "simt.reproduce", "--preset", "paper", "--dataset", "miniimagenet",
                              "--data-dir", str(data), "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from simt import distributed, evaluator, pipeline
-from simt.data.tasks import Task
+from simt.data.tasks import Task, unit_pixels
 from simt.trainer import Trainer, autocast, meta_batch_loss
-from tests.conftest import ROOT, fast, make_cfg
+from tests.conftest import ROOT, child_env, fast, make_cfg
 
 STEPS = 3
 
@@ -104,7 +104,7 @@ def test_two_gloo_processes_train_the_same_parameters_as_one(algo, tmp_path):
 
 def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "run.py"),
-                           *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                           *args], cwd=cwd, env=child_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -158,6 +158,17 @@ def test_data_stays_in_host_memory_on_cpu_and_moves_whole_to_a_device():
     a = split.sampler(5, 1, 5, seed=3).sample()
     b = moved.split("train").sampler(5, 1, 5, seed=3).sample()
     assert all(torch.equal(x, y) for x, y in zip((a.support_x, a.query_y), (b.support_x, b.query_y)))
+
+
+def test_pixels_become_k_over_255_correctly_rounded_whatever_the_device_divides_like():
+    """unit_pixels gathers k/255 from a table divided on the CPU. CUDA divides by a scalar as a multiplication
+    by its reciprocal, which is off in the last bit for some k: that is what the table avoids (an H100 run
+    found GPU-sampled tasks differing from the CPU's)."""
+    k = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(unit_pixels(k), k.float() / 255)
+    assert not torch.equal(k.float() * (1 / 255), k.float() / 255)  # the reciprocal differs somewhere
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert unit_pixels(images).dtype == torch.float32 and torch.equal(unit_pixels(images), images.float() / 255)
 
 
 @pytest.mark.gpu

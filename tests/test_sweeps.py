@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import ROOT, make_cfg, run_cli
+from conftest import ROOT, child_env, make_cfg, run_cli
 from simt import pipeline
 from simt.sweeping import study as study_mod
 from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, SweepError, TrialReporter,
@@ -257,7 +257,7 @@ def test_sweep_writes_results_and_resumes_without_duplicates(tmp_path):
 def test_a_killed_sweep_resumes_with_no_trial_left_running(tmp_path):
     storage = f"sqlite:///{tmp_path}/studies.db"
     args = ["hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=killed"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     slow = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *QUICK, f"hydra.sweeper.storage={storage}",
                              f"hydra.sweep.dir={tmp_path}/first", "trainer.steps=500", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -304,7 +304,7 @@ def test_plain_multiruns_still_use_hydras_basic_sweeper(tmp_path):
 # -- several sweep processes on one study ------------------------------------------------------------
 
 def _cooperating_sweeps(tmp_path, storage: str, n_trials: int = 4) -> list[optuna.trial.FrozenTrial]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *QUICK, f"hydra.sweeper.storage={storage}",
                                f"hydra.sweep.dir={tmp_path}/p{i}", f"hydra.sweeper.n_trials={n_trials}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

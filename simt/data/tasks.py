@@ -25,6 +25,21 @@ class Task:
                                                                  self.query_x, self.query_y)))
 
 
+# k / 255 for every uint8 value k, divided once on the CPU. Gathering from this table gives the same bits on
+# every device: CUDA divides a tensor by a scalar as a multiplication by its reciprocal, which differs from
+# the CPU's true division in the last bit for some k, so tasks sampled on a GPU would not be the CPU's tasks.
+_UNIT_PIXELS = torch.arange(256, dtype=torch.float32) / 255
+_unit_pixels_on: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 as float32 in [0, 1] (k / 255, correctly rounded), on the images' device."""
+    table = _unit_pixels_on.get(images.device)
+    if table is None:
+        table = _unit_pixels_on[images.device] = _UNIT_PIXELS.to(images.device)
+    return table[images.int()]
+
+
 def class_layout(images: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise a split to (images (N, C, H, W), offsets (classes + 1,)).
 
@@ -106,7 +121,7 @@ class TaskSampler(MetaBatchSampling):
         keys = torch.rand(self.ways, int(counts.max()), generator=self.generator)
         keys[torch.arange(keys.shape[1]) >= counts[:, None]] = 2.0
         order = keys.argsort(dim=1)[:, : shots + self.queries] + self.offsets[picked][:, None]
-        images = self.images[order.to(self.images.device)].float().div_(255)  # (ways, shots + queries, C, H, W)
+        images = unit_pixels(self.images[order.to(self.images.device)])  # (ways, shots + queries, C, H, W)
         labels = torch.arange(self.ways, device=self.images.device)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (ways, n, ...) -> (ways * n, ...)
         return Task(
@@ -137,7 +152,7 @@ class ObjectTaskSampler(MetaBatchSampling):
         obj = int(torch.randint(len(self.counts), (1,), generator=self.generator))
         rows = torch.randperm(int(self.counts[obj]), generator=self.generator)[: shots + self.queries]
         rows = (rows + self.offsets[obj]).to(self.images.device)
-        images, targets = self.images[rows].float().div_(255), self.targets[rows]
+        images, targets = unit_pixels(self.images[rows]), self.targets[rows]
         return Task(images[:shots], targets[:shots], images[shots:], targets[shots:])
 
 
