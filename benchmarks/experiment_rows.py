@@ -2,10 +2,12 @@
 
     python run.py experiment=<row> data_dir=<fixtures> trainer.steps=3 trainer.eval_tasks=4 [simt.enabled=false]
 
-with SiMT and without (the row's baseline), on fixture files in every data format, written by the test helpers (tests/fixtures_*.py). One process
-instead of one per row saves Python and CUDA start-up, so that all 56 rows fit a short GPU session.
-trainer=paper validates on 500 episodes: seconds per row on a GPU, hours for a ResNet-12 row on a 2-core
-CPU (tests/test_experiments.py runs every row with 2 validation episodes instead, `make test-all`).
+with SiMT and without (the row's baseline), on fixture files in every data format, written by the test
+helpers (tests/fixtures_*.py). One process instead of one per row saves Python and CUDA start-up.
+trainer=paper validates on 500 episodes (student and target: 1,000 adaptations per SiMT row): on an H100,
+sharing it with other processes, 10-35 s per Conv4 row and 37-98 s per ResNet-12 1-shot row; hours for a
+ResNet-12 row on a 2-core CPU (tests/test_experiments.py runs every row with 2 validation episodes instead,
+`make test-all`). Run it alone on the GPU: three processes sharing an 80 GB card ran out of its memory.
 
     python -m benchmarks.experiment_rows --out rows.md                 # every row, ResNet-12 rows first
     python -m benchmarks.experiment_rows --only conv4 --simt on trainer.val_tasks=2   # a subset, extra overrides

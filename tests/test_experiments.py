@@ -41,3 +41,27 @@ def test_experiment_runs_on_fixtures(experiment, data_dir, tmp_path):
     pipeline.run(cfg, tmp_path)
     results = json.loads((Path(tmp_path) / "results.json").read_text())
     assert math.isfinite(results["objective"])
+
+
+def test_experiment_rows_script_runs_rows_and_reports_the_ones_it_did_not_start(tmp_path):
+    """benchmarks/experiment_rows.py (the acceptance command for every row, one process; GPU sessions run it):
+    a row runs and is reported with its objective; past --budget no row starts, and the table says which."""
+    from benchmarks import experiment_rows
+
+    assert experiment_rows.rows("resnet12", None, "both")[:2] == [("miniimagenet_resnet12_1shot_anil", True),
+                                                                   ("miniimagenet_resnet12_1shot_anil", False)]
+    everything = experiment_rows.rows(None, None, "on")
+    assert all("resnet12" in name for name, _ in everything[:16]) and len(everything) == len(EXPERIMENTS)
+    halves = [experiment_rows.rows(None, "resnet12", "both", (k, 2)) for k in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(experiment_rows.rows(None, "resnet12", "both"))
+    with pytest.raises(SystemExit):
+        experiment_rows.main(["--shard", "2/2"])
+
+    out = tmp_path / "rows.md"
+    assert experiment_rows.main(["--only", "kanji_pose", "--simt", "off", "--out", str(out),
+                                 "trainer.val_tasks=2", "trainer.threads=1"]) == 0
+    text = out.read_text()
+    assert "| kanji_pose_maml | no | cpu |" in text and "1 of 1 rows ran and gave a finite objective." in text
+    assert experiment_rows.main(["--only", "shapenet1d", "--budget", "0", "--out", str(out)]) == 0
+    assert ("0 of 0 rows ran and gave a finite objective; 6 not started (--budget spent): shapenet1d_anil, "
+            "shapenet1d_anil (baseline), shapenet1d_maml") in out.read_text()

@@ -1,10 +1,10 @@
 """Functional SGD on a params dict: the inner loop every gradient-based meta-learner shares.
 
-One step is θ' = θ - α ∘ ∇_θ L(θ). Three interchangeable implementations of that step exist, one per
-engine (simt.algorithms.engines); they differ in who computes the gradient (higher: and the update):
+One step is θ' = θ - α ∘ ∇_θ L(θ). Two interchangeable implementations of that step exist
+(simt.algorithms.engines picks one per engine); they differ in who computes the gradient and the update:
 
-- `sgd_step`: torch.autograd.grad, the reference (the per-task loop);
-- `func_sgd_step`: torch.func.grad, which also runs under torch.func.vmap (the batched engine);
+- `sgd_step`: torch.autograd.grad, the reference (the per-task loop, and the batched engine, whose
+  stacked tasks' summed loss gives every task its own gradient);
 - `higher_sgd_step`: the `higher` library's differentiable SGD, an independent implementation.
 """
 from collections.abc import Callable, Iterable
@@ -43,20 +43,6 @@ def sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Para
     return descend(params, dict(zip(keys, grads)), lrs)
 
 
-def func_sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Params,
-                  first_order: bool) -> Params:
-    """`sgd_step` with the gradient by torch.func.grad, which composes with vmap (autograd.grad does not).
-
-    torch.func.grad's result stays differentiable by the outer autograd (second order for free); first
-    order detaches it. A key that does not influence the loss gets a zero gradient here (None in
-    sgd_step): the same update.
-    """
-    grads = torch.func.grad(lambda adapted: loss_of({**params, **adapted}))({k: params[k] for k in keys})
-    if first_order:
-        grads = {key: grad.detach() for key, grad in grads.items()}
-    return descend(params, grads, lrs)
-
-
 def higher_sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float | Params,
                     first_order: bool) -> Params:
     """`sgd_step` done by higher's DifferentiableSGD (gradient and update), with one parameter group per key
@@ -77,8 +63,7 @@ def higher_sgd_step(params: Params, loss_of: LossOf, keys: list[str], lrs: float
 
 def _requiring_grad(params: Params, keys: list[str]) -> Params:
     """autograd differentiates only tensors that require grad. The momentum target's never do (it is never
-    trained), so they become fresh leaves; nothing flows back into them. (torch.func.grad needs no such
-    step, and could not take it under vmap.)"""
+    trained), so they become fresh leaves; nothing flows back into them."""
     return {**params, **{key: params[key].detach().requires_grad_() for key in keys
                          if not params[key].requires_grad}}
 

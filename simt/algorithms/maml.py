@@ -8,14 +8,15 @@ As in the official SiMT code, BatchNorm's affine parameters are meta-learned but
 plain BatchNorm (Conv4, the conv regressor: `adapts_norm = False`), never adapted in the inner loop nor
 averaged into the momentum target; ResNet-12's meta-BatchNorm is adapted and averaged like any weight.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from simt.algorithms.engines import INNER_STEPS, resolve_engine
+from simt.algorithms.engines import INNER_STEPS, TaskBatch, resolve_engine
 from simt.algorithms.inner_loop import InnerStep, Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
@@ -64,6 +65,7 @@ class GradientLearner:
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
                            and (adapt_scope == "all" or name.startswith("classifier."))]
         self._norm_names = norm_names
+        self._tasks: TaskBatch | None = None  # set while stacked tasks run at once (the batched engine)
 
     # -- what the trainer and SiMT see -------------------------------------------------------------
     def meta_parameters(self) -> Params:
@@ -94,7 +96,7 @@ class GradientLearner:
 
     def eval_outputs(self, params: Params, task: Task, inner_step: InnerStep | None = None) -> torch.Tensor:
         """First-order adaptation, then the query pass. `inner_step` overrides the engine's (batched
-        evaluation runs under vmap, where only func_sgd_step works, whatever `algo.engine` is)."""
+        evaluation adapts with autograd's step whatever `algo.engine` is)."""
         adapted = self.adapt(params, task, self.eval_inner_steps, first_order=True, step=inner_step)
         with torch.no_grad():
             return self._forward(adapted, task.query_x)
@@ -104,16 +106,35 @@ class GradientLearner:
               step: InnerStep | None = None) -> Params:
         """`steps` SGD steps on the support set, each by `step` (default: the engine's inner step)."""
         set_dropout(self.model, False)  # the inner loop never sees dropout (official behaviour)
-        support_loss = lambda p: self.task_loss(self._forward(p, task.support_x), task.support_y)  # noqa: E731
+        if self._tasks is not None:  # stacked tasks: one copy of the adapted weights per task
+            params = self._tasks.stacked(params, self.adapt_keys)
+        support_loss = lambda p: self._loss(self._forward(p, task.support_x), task.support_y)  # noqa: E731
         return adapt(support_loss, params, self.adapt_keys, steps, self.inner_lrs_of(params), first_order,
                      step=step or INNER_STEPS[self.engine])
 
     def inner_lrs_of(self, params: Params) -> float | Params:
         return self.inner_lr
 
+    @contextmanager
+    def tasks_at_once(self, tasks: TaskBatch) -> Iterator[None]:
+        """Within the block, every task this learner is given is a stack of tasks, run as `tasks` says
+        (simt.algorithms.engines, the batched engine): the per-task code is unchanged."""
+        self._tasks = tasks
+        try:
+            yield
+        finally:
+            self._tasks = None
+
     def _forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if self._tasks is not None:
+            return self._tasks.forward(params, x)
         # Keys missing from `params` (e.g. BN affine for the momentum target) fall back to the module's own.
         return functional_call(self.model, params, (x,), strict=False)
+
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The support loss the inner loop descends: per task, or summed over stacked tasks."""
+        return self.task_loss(outputs, targets) if self._tasks is None else self._tasks.loss(self.task_loss, outputs,
+                                                                                             targets)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict()}

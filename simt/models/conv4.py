@@ -40,6 +40,7 @@ class Conv4(nn.Module):
     # Official Conv4 uses a plain nn.BatchNorm2d inside a meta-model: BN's affine parameters are meta-learned
     # but neither adapted in the inner loop nor averaged into the momentum target.
     adapts_norm = False
+    folds_tasks = True  # forward: conv, BN, linear and layout-free ops only (simt.models.task_folding)
 
     def __init__(self, in_channels: int, image_size: int, out_features: int | None, hidden: int = 64,
                  drop_p: float = 0.0, transductive_bn: bool = True):

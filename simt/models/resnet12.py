@@ -121,6 +121,7 @@ class ResNet12(nn.Module):
     # The official MAML-family ResNet-12 uses meta-BatchNorm: its affine parameters are adapted in the
     # inner loop and averaged into the momentum target like every other weight.
     adapts_norm = True
+    folds_tasks = True  # forward: conv, BN, linear and layout-free ops only (simt.models.task_folding)
 
     def __init__(self, in_channels: int, image_size: int, out_features: int | None,
                  widths: Sequence[int] | None = None, drop_p: float = 0.0, transductive_bn: bool = True,
