@@ -40,8 +40,9 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     """The engine `auto` stands for on `device`; any other valid name is returned as it is.
 
     CPU: `loop`, the faster of the two in `make bench` on this project's 2-core machines (benchmarks/results/:
-    vmap only adds work where kernels are compute-bound). CUDA: `batched`, because the loop is bound by
-    kernel launches there; `make bench-gpu` measures it (no GPU numbers yet: benchmarks/README.md).
+    batching only adds work where kernels are compute-bound). CUDA: `batched`, because the loop is bound by
+    dispatching kernels there: on an H100 it was the fastest engine in nearly every row
+    (benchmarks/results/2026-11-26-cuda-h100.md).
     """
     if engine not in ENGINES:
         raise ValueError(f"algo.engine={engine!r}: expected one of {', '.join(ENGINES)}")
