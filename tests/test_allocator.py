@@ -1,6 +1,7 @@
 """trainer.keep_freed_memory: glibc's malloc keeps large freed blocks for reuse instead of unmapping them."""
 import ctypes
 import platform
+import types
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ def test_evaluation_hands_kept_memory_back_and_batches_without_keeping(kept, bat
                         or [task.query_x for task in tasks])  # as logits
     monkeypatch.setattr(allocator, "release", lambda: released.append(1))
     task = Task(torch.zeros(2, 3), torch.arange(2), torch.zeros(2, 3), torch.arange(2))
-    evaluator.evaluate(None, {"student": {}}, [task] * 4, torch.device("cpu"), batch_size=batch_size)
+    learner = types.SimpleNamespace(model=torch.nn.Identity())  # only its network is looked at (chunk size)
+    evaluator.evaluate(learner, {"student": {}}, [task] * 4, torch.device("cpu"), batch_size=batch_size)
     assert seen and all(inside == kept_inside for inside in seen)
     assert allocator._kept is kept and len(released) == releases  # before and after (+ glibc_defaults' own)

@@ -287,7 +287,12 @@ def test_folded_layers_give_each_task_what_the_plain_layer_gives_it(per_task):
     with folded_tasks(layers, tasks):
         assert [type(m) for m in layers][:2] == [FoldedConv2d, FoldedBatchNorm2d] and type(layers[3]) is FoldedLinear
         got = unfold(functional_call(layers, params, (fold(x),)), tasks)
+        again = unfold(functional_call(layers, params, (fold(x),)), tasks)
+        # Shared weights are repeated once per block (conv and BN weight and bias), however many passes use them.
+        assert len(layers[0].shared_copies) == (0 if per_task else 4)
+        assert layers[0].shared_copies is layers[1].shared_copies
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(again, got)
     assert [type(m) for m in layers] == [nn.Conv2d, nn.BatchNorm2d, nn.Flatten, nn.Linear]
     assert not any(hasattr(m, "tasks") for m in layers)
 

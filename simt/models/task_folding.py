@@ -25,29 +25,36 @@ from torch import nn
 from simt.models.batch_norm import RunningStatistics
 
 
-def _per_task(weight: torch.Tensor | None, tasks: int, dims: int) -> torch.Tensor | None:
-    """A weight as T stacked copies, (T * size, ...): its own per task if it has a task dimension."""
-    if weight is None:
-        return None
-    if weight.dim() == dims + 1:  # (T, size, ...)
-        return weight.reshape(tasks * weight.shape[1], *weight.shape[2:])
-    return weight.repeat(tasks, *([1] * (dims - 1)))
+class _Folded:
+    """What the folded layers of one `folded_tasks` block share: the task count, and the per-task copies
+    of the weights every task shares (the same θ tensors in every forward of the block: repeated once)."""
 
-
-class FoldedConv2d(nn.Conv2d):
     tasks: int
+    shared_copies: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
+    def _per_task(self, weight: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+        """A weight as T stacked copies, (T * size, ...): its own per task if it has a task dimension."""
+        if weight is None:
+            return None
+        if weight.dim() == dims + 1:  # (T, size, ...)
+            return weight.reshape(self.tasks * weight.shape[1], *weight.shape[2:])
+        cached = self.shared_copies.get(id(weight))
+        if cached is None or cached[0] is not weight:
+            cached = self.shared_copies[id(weight)] = (weight, weight.repeat(self.tasks, *([1] * (dims - 1))))
+        return cached[1]
+
+
+class FoldedConv2d(_Folded, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T * C_in, H, W) -> (N, T * C_out, H', W')
-        return F.conv2d(x, _per_task(self.weight, self.tasks, 4), _per_task(self.bias, self.tasks, 1), self.stride,
+        return F.conv2d(x, self._per_task(self.weight, 4), self._per_task(self.bias, 1), self.stride,
                         self.padding, self.dilation, self.groups * self.tasks)
 
 
-class FoldedBatchNorm2d(nn.BatchNorm2d):
-    tasks: int
+class FoldedBatchNorm2d(_Folded, nn.BatchNorm2d):
     running_statistics: RunningStatistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T * C, H, W), statistics per task and channel
-        weight, bias = _per_task(self.weight, self.tasks, 1), _per_task(self.bias, self.tasks, 1)
+        weight, bias = self._per_task(self.weight, 1), self._per_task(self.bias, 1)
         if self.running_mean is not None and not self.training:
             return F.batch_norm(x, self.running_mean.repeat(self.tasks), self.running_var.repeat(self.tasks), weight,
                                 bias, False, 0.0, self.eps)
@@ -60,9 +67,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
 
 
-class FoldedLinear(nn.Linear):
-    tasks: int
-
+class FoldedLinear(_Folded, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T * F) -> (N, T * O)
         n = x.shape[0]
         per_task = x.view(n, self.tasks, -1).transpose(0, 1)  # (T, N, F)
@@ -82,13 +87,13 @@ FOLDED = {nn.Conv2d: FoldedConv2d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.Linear:
 def folded_tasks(model: nn.Module, tasks: int) -> Iterator[RunningStatistics]:
     """Within the block, the model's Conv2d, BatchNorm2d and Linear layers take `tasks` folded tasks (same
     parameters, buffers and names); yields the RunningStatistics its BatchNorm layers record."""
-    statistics = RunningStatistics()
+    statistics, shared_copies = RunningStatistics(), {}
     swapped = [(module, type(module)) for module in model.modules() if type(module) in FOLDED]
     for module, plain in swapped:
         if plain is nn.Conv2d and module.padding_mode != "zeros":
             raise ValueError(f"task folding supports zero-padded convolutions only, not {module.padding_mode!r}")
         module.__class__ = FOLDED[plain]
-        module.tasks = tasks
+        module.tasks, module.shared_copies = tasks, shared_copies
         if plain is nn.BatchNorm2d:
             module.running_statistics = statistics
     try:
@@ -96,7 +101,7 @@ def folded_tasks(model: nn.Module, tasks: int) -> Iterator[RunningStatistics]:
     finally:
         for module, plain in swapped:
             module.__class__ = plain
-            del module.tasks
+            del module.tasks, module.shared_copies
             if plain is nn.BatchNorm2d:
                 del module.running_statistics
 
