@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,22 +20,45 @@ if TYPE_CHECKING:  # annotations only: simt.data imports this module (Metric), s
 log = logging.getLogger(__name__)
 
 
+def accuracy_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in percent of every episode of a stack: (..., N, C) logits, (..., N) labels -> (...,)
+    float64, on the outputs' device (no host sync)."""
+    return (outputs.argmax(dim=-1) == targets).float().mean(dim=-1).double() * 100.0
+
+
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
-    return (outputs.argmax(dim=1) == targets).float().mean().item() * 100.0
+    return accuracy_values(outputs, targets).item()
 
 
 @dataclass(frozen=True)
 class Metric:
     """What a data set is scored by: `fn(outputs, targets) -> float` per episode, its name in results
-    (`test/<name>`), and whether higher is better (which also sets the sweep direction)."""
+    (`test/<name>`), and whether higher is better (which also sets the sweep direction).
+
+    `values`, when given, computes the same numbers for a stack of episodes (leading dimensions) as a
+    tensor: scoring a chunk of episodes then reads them from the device once, not once per episode (each
+    read waits for the GPU to finish everything queued before it)."""
 
     fn: Callable[[torch.Tensor, torch.Tensor], float]
     name: str
     higher_is_better: bool
+    values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def scores(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> list[float]:
+        """One score per episode."""
+        if self.values is None or len(outputs) == 1:
+            return [self.fn(out, target) for out, target in zip(outputs, targets)]
+        return self.values(torch.stack(list(outputs)), torch.stack(list(targets))).tolist()
+
+    def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One episode's score as a 0-dim tensor, left on the device where `values` allows."""
+        if self.values is not None:
+            return self.values(outputs, targets)
+        return torch.tensor(self.fn(outputs, targets), dtype=torch.float64, device=outputs.device)
 
 
-ACCURACY = Metric(accuracy, "acc", higher_is_better=True)
+ACCURACY = Metric(accuracy, "acc", higher_is_better=True, values=accuracy_values)
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -86,7 +109,7 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
                 continue
             del queue[:len(chunk)]
             for name, outs in outputs.items():
-                scores[name].extend(metric.fn(out, task.query_y) for out, task in zip(outs, chunk))
+                scores[name].extend(metric.scores(outs, [task.query_y for task in chunk]))
             bar.update(len(chunk))
     return scores
 

@@ -31,7 +31,8 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
     uses `meta_batch_backward`, which accumulates the same gradient holding less of the graph at once.
     """
     stats = _StatsMean(len(tasks))
-    return _summed_loss(learner, target, tasks, metric, stats) / len(tasks), stats.means
+    loss = _summed_loss(learner, target, tasks, metric, stats) / len(tasks)
+    return loss, stats.means()[1]
 
 
 def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: Metric = ACCURACY,
@@ -46,13 +47,19 @@ def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: M
     (benchmarks/README.md). The batched engine builds one graph for all tasks and backpropagates it once.
     """
     groups = [tasks] if learner.engine == "batched" else [[task] for task in tasks]
-    total, stats = 0.0, _StatsMean(len(tasks))
+    losses, stats = [], _StatsMean(len(tasks))
     for group in groups:
         with autocast(group[0].query_x.device, precision):
             loss = _summed_loss(learner, target, group, metric, stats)
         (loss * (scale / len(tasks))).backward()
-        total += loss.item() / len(tasks)
-    return total, stats.means
+        losses.append(loss.detach())
+    # Read from the device once, after every backward: a read mid-step would make the CPU wait for the GPU
+    # to finish the forward passes before it could queue the backward ones.
+    group_losses, means = stats.means(*losses)
+    total = 0.0
+    for value in group_losses:
+        total += value / len(tasks)
+    return total, means
 
 
 def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
@@ -65,26 +72,36 @@ def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
     outputs = meta_batch_outputs(learner, learner.meta_parameters(), target, tasks)
     for task, (student_out, teacher_out) in zip(tasks, outputs):
         task_loss = learner.task_loss(student_out, task.query_y)
-        loss, task_stats = task_loss, {"task_loss": task_loss.item(), "distill_loss": 0.0,
-                                       metric.name: metric.fn(student_out.detach(), task.query_y)}
+        loss, task_stats = task_loss, {"task_loss": task_loss.detach(), "distill_loss": task_loss.new_zeros(()),
+                                       metric.name: metric.value(student_out.detach(), task.query_y)}
         if target is not None:
             loss, distill = target.loss(task_loss, student_out, teacher_out)
-            task_stats["distill_loss"] = distill.item()
-            task_stats[f"target_{metric.name}"] = metric.fn(teacher_out, task.query_y)
+            task_stats["distill_loss"] = distill.detach()
+            task_stats[f"target_{metric.name}"] = metric.value(teacher_out, task.query_y)
         stats.add(task_stats)
         total = total + loss
     return total
 
 
 class _StatsMean:
-    """Running means of per-task statistics over a meta-batch of `count` tasks."""
+    """Means of per-task statistics over a meta-batch of `count` tasks. The statistics stay tensors (on the
+    device) until `means` reads them all, and any `extra` tensors, in one transfer."""
 
     def __init__(self, count: int):
-        self.count, self.means = count, {}
+        self.count, self.per_task = count, []
 
-    def add(self, stats: dict[str, float]) -> None:
-        for name, value in stats.items():
-            self.means[name] = self.means.get(name, 0.0) + value / self.count
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.per_task.append(stats)
+
+    def means(self, *extra: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+        """(the `extra` values as numbers, the mean of each statistic), summed task by task in float64."""
+        tensors = [value for stats in self.per_task for value in stats.values()] + list(extra)
+        numbers = iter(torch.stack([t.detach().to(torch.float64).reshape(()) for t in tensors]).tolist())
+        means: dict[str, float] = {}
+        for stats in self.per_task:
+            for name in stats:
+                means[name] = means.get(name, 0.0) + next(numbers) / self.count
+        return list(numbers), means
 
 
 def autocast(device: torch.device, precision: str):

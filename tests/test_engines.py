@@ -198,6 +198,22 @@ def test_backward_per_task_accumulates_the_gradient_of_the_mean_loss(engine, alg
     assert _relative_error(_flat_grads(learner), 0.5 * reference) <= 1e-12
 
 
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_a_meta_step_reads_from_the_device_once_after_every_backward(engine, monkeypatch):
+    """Losses and statistics are read in one transfer at the end of meta_batch_backward: a read (.item())
+    between forward and backward would make the CPU wait for a GPU's forward before queueing the backward."""
+    learner = _learner("maml", "conv4", engine)
+    target, tasks = _target(learner), _tasks(count=3)
+    expected = meta_batch_backward(learner, target, tasks)
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _f=original, _n=name: reads.append(_n) or _f(self))
+    learner.model.zero_grad()
+    assert meta_batch_backward(learner, target, tasks) == expected
+    assert reads == ["tolist"]
+
+
 @pytest.mark.parametrize("engine,expected", [("loop", ["task", "backward"] * 3), ("higher", ["task", "backward"] * 3),
                                              ("batched", ["task", "backward"])])  # vmap: one call for all tasks
 def test_per_task_engines_backpropagate_each_task_before_running_the_next(engine, expected):
@@ -245,12 +261,10 @@ def _one_inner_step_then_query(model: nn.Module, batched: bool):
     support, query = (torch.randn(4, 5, 2, 6, 6, generator=g, dtype=F64) for _ in range(2))
     weights = torch.randn(4, 5, 3, 6, 6, generator=g, dtype=F64)
     if batched:
-        layers = folded_tasks(model, 4) if getattr(model, "folds_tasks", False) else exact_batch_norm(model)
-        with layers as statistics:
-            tasks = TaskBatch(4, model, statistics)
-            loss_of = lambda p: tasks.loss(lambda out, _: out.sin().mean(), tasks.forward(p, support),  # noqa: E731
-                                           torch.zeros(4))
-            out = tasks.forward(sgd_step(tasks.stacked(params, list(params)), loss_of, list(params), 0.5, False), query)
+        tasks = TaskBatch(4, model)
+        loss_of = lambda p: tasks.loss(lambda out, _: out.sin().mean(), tasks.forward(p, support),  # noqa: E731
+                                       torch.zeros(4))
+        out = tasks.forward(sgd_step(tasks.stacked(params, list(params)), loss_of, list(params), 0.5, False), query)
     else:
         def one_task(s, q):
             loss_of = lambda p: functional_call(model, p, (s,)).sin().mean()  # noqa: E731

@@ -6,7 +6,7 @@ import torch
 
 from simt.algorithms.protonet import prototype_logits, prototypes
 from simt.data.tasks import TaskSampler, fixed_episodes
-from simt.evaluator import accuracy, mean_ci95, summarize
+from simt.evaluator import ACCURACY, Metric, accuracy, mean_ci95, summarize
 
 
 def test_ci_formula_on_known_numbers():
@@ -119,3 +119,14 @@ def test_modules_import_on_their_own():
     for name in ("simt.evaluator", "simt.trainer", "simt.momentum", "simt.data.tasks"):
         done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
         assert done.returncode == 0, f"{name}: {done.stderr.strip().splitlines()[-1]}"
+
+
+def test_a_chunk_of_episodes_is_scored_in_one_read_with_the_per_episode_numbers():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 15, 5, generator=g), torch.randint(0, 5, (6, 15), generator=g)
+    per_episode = [accuracy(out, y) for out, y in zip(logits, labels)]
+    assert ACCURACY.scores(list(logits), list(labels)) == per_episode  # the same floats, not approximately
+    assert ACCURACY.value(logits[0], labels[0]).item() == per_episode[0]
+    plain = Metric(lambda out, y: float(out.sum() - y.sum()), "plain", higher_is_better=False)  # no `values`
+    assert plain.scores(list(logits), list(labels)) == [float(o.sum() - y.sum()) for o, y in zip(logits, labels)]
+    assert plain.value(logits[0], labels[0]).dtype == torch.float64

@@ -33,7 +33,6 @@ from simt.models.task_folding import fold, folded_tasks, unfold
 
 INNER_STEPS: dict[str, InnerStep] = {"loop": sgd_step, "batched": sgd_step, "higher": higher_sgd_step}
 ENGINES = ("auto", *INNER_STEPS)
-LABELS = ("support_y", "query_y")
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
@@ -55,23 +54,13 @@ def meta_batch_outputs(learner, theta: Params, target,
                        tasks: list[Task]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Per task, (student query outputs, teacher query outputs or None without a momentum target).
 
-    `learner.engine` (a resolved name) chooses how: task by task, or all tasks at once.
+    `learner.engine` (a resolved name) chooses how: task by task, or all tasks at once as one stacked task.
     """
     if learner.engine != "batched":
         return [_task_outputs(learner, theta, target, task) for task in tasks]
-    if hasattr(learner, "tasks_at_once"):  # gradient learners: one stacked task
-        with _tasks_at_once(learner, tasks) as stacked:
-            student, teacher = _task_outputs(learner, theta, target, stacked)
-        return list(zip(student.unbind(0), teacher.unbind(0) if teacher is not None else [None] * len(tasks)))
-
-    def one_task(task: Task):
-        student, teacher = _task_outputs(learner, theta, target, task)
-        return (student,) if teacher is None else (student, teacher)
-
-    outputs = _vmap_over_tasks(learner, one_task, tasks, randomness="different")  # a dropout mask per task
-    students = outputs[0].unbind(0)
-    teachers = outputs[1].unbind(0) if target is not None else [None] * len(tasks)
-    return list(zip(students, teachers))
+    with _tasks_at_once(learner, tasks) as stacked:
+        student, teacher = _task_outputs(learner, theta, target, stacked)
+    return list(zip(student.unbind(0), teacher.unbind(0) if teacher is not None else [None] * len(tasks)))
 
 
 def batched_eval_outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:
@@ -80,33 +69,56 @@ def batched_eval_outputs(learner, params: Params, tasks: list[Task]) -> list[tor
     Why: test time scores thousands of episodes, each adapted on its own; one at a time, a GPU runs tiny,
     launch-bound kernels (as the per-task training loop does). The per-task code is the per-episode
     path's, run as the batched engine runs it, so the results are the same whatever `learner.engine` is
-    (the inner step is autograd's, as the loop's, even for `higher`; BatchNorm is exact, and in eval mode,
-    ProtoNet's, it is the same fused, running-statistics kernel). Evaluation needs no meta-gradient, so
+    (the inner step is autograd's, as the loop's, even for `higher`). Evaluation needs no meta-gradient, so
     `params` enter detached: no graph back to θ is kept per task.
     """
     params = {key: value.detach() for key, value in params.items()}
-    if hasattr(learner, "tasks_at_once"):
-        with _tasks_at_once(learner, tasks) as stacked:
-            return list(learner.eval_outputs(params, stacked, inner_step=sgd_step).unbind(0))
-    # randomness="error": evaluation draws nothing random (dropout is off), so a random op would be a bug.
-    outputs = _vmap_over_tasks(learner, lambda task: learner.eval_outputs(params, task), tasks, randomness="error")
-    return list(outputs.unbind(0))
+    with _tasks_at_once(learner, tasks) as stacked:
+        return list(learner.eval_outputs(params, stacked, inner_step=sgd_step).unbind(0))
+
+
+class StackedTasks:
+    """What a learner needs to run stacked tasks (mixed into every learner): inside `tasks_at_once`, its
+    network pass `_network` runs all of them through the block's TaskBatch; the per-task code is unchanged."""
+
+    _tasks: "TaskBatch | None" = None
+    model: nn.Module
+
+    @contextmanager
+    def tasks_at_once(self, tasks: "TaskBatch") -> Iterator[None]:
+        self._tasks = tasks
+        try:
+            yield
+        finally:
+            self._tasks = None
+
+    def _network(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if self._tasks is not None:
+            return self._tasks.forward(params, x)
+        # Keys missing from `params` (e.g. BN affine for the momentum target) fall back to the module's own.
+        return functional_call(self.model, params, (x,), strict=False)
 
 
 class TaskBatch:
-    """How a gradient learner runs `count` stacked tasks at once (its `tasks_at_once` block).
+    """How a learner runs `count` stacked tasks at once (its `tasks_at_once` block).
 
     Every tensor of the stacked task has a leading task dimension, and so have the weights the inner loop
     adapts (`expand`: a view, so the meta-gradient of every task's copy flows back to the one θ); the
-    weights it does not adapt stay single and are shared. `forward` runs the model on all tasks: folded
-    into its channels (simt.models.task_folding) where the model allows it, else under vmap over the task
-    dimension. `loss` sums the per-task losses, whose gradient with respect to the stacked weights is each
-    task's own gradient (the tasks share nothing), so torch.autograd.grad runs on the sum as in the loop.
+    weights it does not adapt stay single and are shared. `forward` runs the model on all tasks in one pass:
+    as one ordinary batch when every task uses the same weights and every image is processed on its own
+    (evaluation with running BatchNorm statistics: ProtoNet's); else folded into its channels
+    (simt.models.task_folding) where the model allows it; else under vmap over the task dimension. `loss`
+    sums the per-task losses, whose gradient with respect to the stacked weights is each task's own
+    gradient (the tasks share nothing), so torch.autograd.grad runs on the sum as in the loop.
+    BatchNorm running statistics are recorded per task and applied by `apply_statistics`, afterwards, task by
+    task in the loop's order.
     """
 
-    def __init__(self, count: int, model: nn.Module, statistics: RunningStatistics):
-        self.count, self.model, self.statistics = count, model, statistics
-        self._dims = {name: p.dim() for name, p in model.named_parameters()}
+    def __init__(self, count: int, model: nn.Module):
+        self.count, self.model = count, model
+        self.statistics, self.shared_copies = RunningStatistics(), {}
+        self._dims = {name: t.dim() for name, t in (*model.named_parameters(), *model.named_buffers())}
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def stacked(self, params: Params, keys: list[str]) -> Params:
         """`params` with one copy of each key of `keys` per task (leading dimension `count`)."""
@@ -114,16 +126,21 @@ class TaskBatch:
                              if params[key].dim() == self._dims[key]}}
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """(T, N, ...) inputs -> (T, N, outputs)."""
-        if getattr(self.model, "folds_tasks", False):  # the model's layers are folded (_tasks_at_once)
-            return unfold(functional_call(self.model, params, (fold(x),), strict=False), self.count)
+        """(T, N, ...) inputs -> (T, N, outputs...)."""
         in_dims = {key: 0 if value.dim() > self._dims[key] else None for key, value in params.items()}
+        if not any(in_dims.values()) and all(not m.training and m.running_mean is not None for m in self._norms):
+            out = functional_call(self.model, params, (x.flatten(0, 1),), strict=False)
+            return out.view(self.count, x.shape[1], *out.shape[1:])
+        if getattr(self.model, "folds_tasks", False):
+            with folded_tasks(self.model, self.count, self.statistics, self.shared_copies):
+                return unfold(functional_call(self.model, params, (fold(x),), strict=False), self.count)
         start = len(self.statistics.values)  # BN running statistics recorded by this pass, returned out of vmap
 
         def one_task(task_params: Params, task_x: torch.Tensor):
             return functional_call(self.model, task_params, (task_x,), strict=False), self.statistics.values[start:]
 
-        outputs, values = torch.func.vmap(one_task, in_dims=(in_dims, 0), randomness="different")(params, x)
+        with exact_batch_norm(self.model, self.statistics):
+            outputs, values = torch.func.vmap(one_task, in_dims=(in_dims, 0), randomness="different")(params, x)
         self.statistics.values[start:] = values
         return outputs
 
@@ -131,30 +148,18 @@ class TaskBatch:
              targets: torch.Tensor) -> torch.Tensor:
         return torch.func.vmap(loss_fn)(outputs, targets).sum()
 
+    def apply_statistics(self) -> None:
+        self.statistics.apply(self.statistics.values)
+
 
 @contextmanager
 def _tasks_at_once(learner, tasks: list[Task]) -> Iterator[Task]:
-    """The tasks stacked into one Task (leading task dimension), while the learner runs them at once:
-    the model's layers folded, or its BatchNorm exact for vmap; running statistics are applied afterwards,
-    task by task as the loop would."""
-    fields, _ = _stacked(tasks, share_labels=False)
-    model = learner.model
-    layers = folded_tasks(model, len(tasks)) if getattr(model, "folds_tasks", False) else exact_batch_norm(model)
-    with layers as statistics, learner.tasks_at_once(TaskBatch(len(tasks), model, statistics)):
+    """The tasks stacked into one Task (leading task dimension), while the learner runs them at once."""
+    fields = _stacked(tasks)
+    batch = TaskBatch(len(tasks), learner.model)
+    with learner.tasks_at_once(batch):
         yield Task(*fields)
-    statistics.apply(statistics.values)
-
-
-def _vmap_over_tasks(learner, one_task, tasks: list[Task], randomness: str):
-    """`one_task(task)` for all `tasks` at once under vmap (outputs stacked over the tasks), with the model's
-    BatchNorm exact meanwhile. BN running-statistic updates (ProtoNet's training passes) cannot happen inside
-    vmap: each task's batch statistics are returned out of it and applied afterwards in the per-task order."""
-    fields, in_dims = _stacked(tasks)
-    with exact_batch_norm(learner.model) as statistics:
-        outputs, values = torch.func.vmap(lambda *task_fields: (one_task(Task(*task_fields)), statistics.values),
-                                          in_dims=in_dims, randomness=randomness)(*fields)
-        statistics.apply(values)
-    return outputs
+    batch.apply_statistics()
 
 
 def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,23 +167,13 @@ def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Ten
     return student, learner.teacher_outputs(target.params, task) if target is not None else None
 
 
-def _stacked(tasks: list[Task], share_labels: bool = True) -> tuple[list[torch.Tensor], tuple[int | None, ...]]:
-    """Task fields stacked over the tasks, (tasks, ...), and vmap's in_dims for them.
-
-    With `share_labels`, labels that every task shares (the sampler numbers the classes of each task
-    0..ways-1 in order) enter unbatched: label-dependent sizes, such as ProtoNet's class count, then stay
-    plain numbers under vmap.
-    """
-    fields, in_dims = [], []
+def _stacked(tasks: list[Task]) -> list[torch.Tensor]:
+    """Task fields stacked over the tasks, (tasks, ...)."""
+    fields = []
     for field in dataclasses.fields(Task):
         parts = [getattr(task, field.name) for task in tasks]
-        if share_labels and field.name in LABELS and all(torch.equal(parts[0], part) for part in parts[1:]):
-            fields.append(parts[0])
-            in_dims.append(None)
-            continue
         if len({part.shape for part in parts}) > 1:
             raise ValueError(f"algo.engine=batched: the tasks of a meta-batch must have equal shapes (same ways, "
                              f"shots, queries); {field.name} has shapes {sorted({tuple(p.shape) for p in parts})}")
         fields.append(torch.stack(parts))
-        in_dims.append(0)
-    return fields, tuple(in_dims)
+    return fields

@@ -8,15 +8,13 @@ As in the official SiMT code, BatchNorm's affine parameters are meta-learned but
 plain BatchNorm (Conv4, the conv regressor: `adapts_norm = False`), never adapted in the inner loop nor
 averaged into the momentum target; ResNet-12's meta-BatchNorm is adapted and averaged like any weight.
 """
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from simt.algorithms.engines import INNER_STEPS, TaskBatch, resolve_engine
+from simt.algorithms.engines import INNER_STEPS, StackedTasks, resolve_engine
 from simt.algorithms.inner_loop import InnerStep, Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
@@ -31,7 +29,7 @@ def _norm_parameter_names(model: nn.Module) -> set[str]:
             for name, _ in module.named_parameters(recurse=False)}
 
 
-class GradientLearner:
+class GradientLearner(StackedTasks):
     """Adapt a params dict on the support set by SGD, then score the query set (MAML family).
 
     Args:
@@ -65,7 +63,6 @@ class GradientLearner:
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
                            and (adapt_scope == "all" or name.startswith("classifier."))]
         self._norm_names = norm_names
-        self._tasks: TaskBatch | None = None  # set while stacked tasks run at once (the batched engine)
 
     # -- what the trainer and SiMT see -------------------------------------------------------------
     def meta_parameters(self) -> Params:
@@ -115,21 +112,8 @@ class GradientLearner:
     def inner_lrs_of(self, params: Params) -> float | Params:
         return self.inner_lr
 
-    @contextmanager
-    def tasks_at_once(self, tasks: TaskBatch) -> Iterator[None]:
-        """Within the block, every task this learner is given is a stack of tasks, run as `tasks` says
-        (simt.algorithms.engines, the batched engine): the per-task code is unchanged."""
-        self._tasks = tasks
-        try:
-            yield
-        finally:
-            self._tasks = None
-
     def _forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        if self._tasks is not None:
-            return self._tasks.forward(params, x)
-        # Keys missing from `params` (e.g. BN affine for the momentum target) fall back to the module's own.
-        return functional_call(self.model, params, (x,), strict=False)
+        return self._network(params, x)
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The support loss the inner loop descends: per task, or summed over stacked tasks."""

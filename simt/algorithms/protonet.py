@@ -3,28 +3,32 @@ query embedding to the class means (prototypes) of the support embeddings."""
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from simt.algorithms.engines import resolve_engine
+from simt.algorithms.engines import StackedTasks, resolve_engine
 from simt.algorithms.inner_loop import InnerStep, Params
 from simt.data.tasks import Task
 from simt.models import set_dropout
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """(N, D) embeddings, (N,) labels in 0..ways-1 -> (ways, D) class means."""
-    sums = embeddings.new_zeros(ways, embeddings.shape[1]).index_add_(0, labels, embeddings)
-    counts = torch.bincount(labels, minlength=ways).to(embeddings.dtype)
-    return sums / counts[:, None]
+    """(..., N, D) embeddings, (..., N) labels in 0..ways-1 -> (..., ways, D) class means (leading
+    dimensions: stacked tasks, each with its own classes)."""
+    lead, dim = embeddings.shape[:-2], embeddings.shape[-1]
+    tasks = lead.numel()
+    # Task t's class k is row t * ways + k: one index_add for every task, the per-task sums unchanged.
+    rows = (labels.reshape(tasks, -1) + ways * torch.arange(tasks, device=labels.device)[:, None]).flatten()
+    sums = embeddings.new_zeros(tasks * ways, dim).index_add_(0, rows, embeddings.reshape(-1, dim))
+    counts = torch.bincount(rows, minlength=tasks * ways).to(embeddings.dtype)
+    return (sums / counts[:, None]).view(*lead, ways, dim)
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """-||q - c_k||^2 for every query q and prototype c_k: (queries, ways)."""
+    """-||q - c_k||^2 for every query q and prototype c_k: (..., queries, ways)."""
     protos = prototypes(support, support_y, int(support_y.max()) + 1)
-    return -(query[:, None, :] - protos[None, :, :]).pow(2).sum(-1)
+    return -(query[..., :, None, :] - protos[..., None, :, :]).pow(2).sum(-1)
 
 
-class ProtoNet:
+class ProtoNet(StackedTasks):
     """Metric-based learner; θ is the embedding network (standard BatchNorm with running statistics).
 
     Args:
@@ -83,7 +87,7 @@ class ProtoNet:
                                 self._embed(params, task.query_x))
 
     def _embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, params, (x,), strict=False)
+        return self._network(params, x)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict()}

@@ -76,10 +76,11 @@ class ExactBatchNorm2d(nn.BatchNorm2d):
 
 
 @contextmanager
-def exact_batch_norm(model: nn.Module):
+def exact_batch_norm(model: nn.Module, statistics: RunningStatistics | None = None):
     """Within the block, every `nn.BatchNorm2d` of `model` is an `ExactBatchNorm2d`; yields the
-    RunningStatistics its forwards record. Parameters, buffers and names are untouched."""
-    statistics = RunningStatistics()
+    RunningStatistics its forwards record (into `statistics` if given). Parameters, buffers and names are
+    untouched."""
+    statistics = RunningStatistics() if statistics is None else statistics
     swapped = [module for module in model.modules() if type(module) is nn.BatchNorm2d]
     for module in swapped:
         module.__class__ = ExactBatchNorm2d

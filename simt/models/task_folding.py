@@ -84,10 +84,13 @@ FOLDED = {nn.Conv2d: FoldedConv2d, nn.BatchNorm2d: FoldedBatchNorm2d, nn.Linear:
 
 
 @contextmanager
-def folded_tasks(model: nn.Module, tasks: int) -> Iterator[RunningStatistics]:
+def folded_tasks(model: nn.Module, tasks: int, statistics: RunningStatistics | None = None,
+                 shared_copies: dict | None = None) -> Iterator[RunningStatistics]:
     """Within the block, the model's Conv2d, BatchNorm2d and Linear layers take `tasks` folded tasks (same
-    parameters, buffers and names); yields the RunningStatistics its BatchNorm layers record."""
-    statistics, shared_copies = RunningStatistics(), {}
+    parameters, buffers and names); yields the RunningStatistics its BatchNorm layers record into.
+    `shared_copies` (the per-task copies of shared weights) may be kept across blocks that see the same weights."""
+    statistics = RunningStatistics() if statistics is None else statistics
+    shared_copies = {} if shared_copies is None else shared_copies
     swapped = [(module, type(module)) for module in model.modules() if type(module) in FOLDED]
     for module, plain in swapped:
         if plain is nn.Conv2d and module.padding_mode != "zeros":
