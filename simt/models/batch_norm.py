@@ -1,4 +1,5 @@
-"""Exact BatchNorm for the batched-task engine (torch.func.vmap over the tasks of a meta-batch).
+"""Exact BatchNorm for the batched engine's vmap path (networks that cannot be folded: simt.algorithms.engines),
+and the running-statistics bookkeeping that path and task folding share.
 
 Why: under vmap, `nn.BatchNorm2d` with batch statistics runs through PyTorch's batching rule for the fused
 batch-norm kernel, whose second-order gradient is wrong when BN's weight and bias differ per task (adapted
@@ -9,10 +10,10 @@ by op and is exact in every case. So while the batched engine runs, `exact_batch
 `nn.BatchNorm2d` of the model into an `ExactBatchNorm2d` (same parameters, buffers and names) and back
 afterwards; the per-task loop keeps PyTorch's fused kernel (faster, and the reference's bits unchanged).
 
-Running statistics (ProtoNet's BN): under vmap each task has its own batch statistics while the running
-buffers are shared, so they cannot be updated in place inside vmap. The statistics are recorded instead
-and `RunningStatistics.apply` updates the buffers afterwards, task by task in the order the per-task loop
-would have, with the update rule of `nn.BatchNorm2d`.
+Running statistics (ProtoNet's BN): with stacked tasks each task has its own batch statistics while the
+running buffers are shared, so they cannot be updated in place during the pass (nor at all inside vmap).
+The statistics are recorded instead and `RunningStatistics.apply` updates the buffers afterwards, task by
+task in the order the per-task loop would have, with the update rule of `nn.BatchNorm2d`.
 """
 from contextlib import contextmanager
 
