@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.official import OfficialMAML, OfficialProtoNet, PngEpisodes, PngImages
@@ -56,7 +57,7 @@ ALGOS = ("maml", "protonet")
 EVAL_TASKS = 2000  # the evaluation table reports time per this many test tasks
 EVAL_BATCH = 100  # default episodes per vmapped chunk of the batched evaluation (evaluate(batch_size=...))
 SPLIT_CLASSES = "{train:10,val:5,test:10}"  # enough classes for 5-way episodes; small, so builds are quick
-COLUMNS = ("setting", "algo", "SiMT", "engine", "n", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s",
+COLUMNS = ("setting", "algo", "SiMT", "engine", "n", "ms/step", "peak MB", "ops/step", "GFLOP/step", "GFLOP/s",
            "% matmul peak", "vs official")
 
 
@@ -273,6 +274,24 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Callable[[], None]) -> int:
+    """Tensor ops dispatched by one step (forward, backward and optimizer alike; views included). Where a
+    step is far from the FLOP peak (a GPU at these sizes), its time follows this count, not its FLOPs."""
+    with _OpCounter() as counter:
+        step()
+    return counter.count
+
+
 def matmul_peak_flops(device: torch.device, quick: bool) -> tuple[float, int]:
     """FLOP/s of a large float32 matrix product on `device`: the yardstick for the % column."""
     n = 8192 if device.type == "cuda" else (1024 if quick else 2048)
@@ -292,7 +311,7 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
     for algo in setting.algos:
         for simt in (False, True):
             cfg = compose_config(setting, algo, simt, device, args.threads)
-            steps, flops = {}, None
+            steps, ops, flops = {}, {}, None
             engines = [e for e in (CUDA_ENGINES if device.type == "cuda" else CPU_ENGINES) if e in args.engines]
             for engine in engines:
                 name, _, variant = engine.partition(" ")
@@ -307,8 +326,9 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
                 # The official code runs with the C library's allocator settings; ours with trainer.keep_freed_memory
                 # (auto: on for a CPU, as pipeline.build set it). On CUDA both are no-ops.
                 steps[engine] = _with_glibc_defaults(step) if engine == "official" or variant == "glibc" else step
+                ops[engine] = count_ops(steps[engine])  # also a warm-up step
                 if engine == "loop":
-                    flops = count_flops(steps[engine])  # also a warm-up step
+                    flops = count_flops(steps[engine])
             seconds = interleaved_median_seconds(steps, device, args.warmup, repeats)
             memory = {engine: peak_memory_mb(step, device) for engine, step in steps.items()}
             del steps, exp
@@ -317,6 +337,7 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
                 rate = flops / seconds[engine]
                 rows.append({"setting": setting.label, "algo": algo, "SiMT": "yes" if simt else "no", "engine": engine,
                              "n": repeats, "ms/step": 1e3 * seconds[engine], "peak MB": memory[engine],
+                             "ops/step": ops[engine],
                              "GFLOP/step": flops / 1e9, "GFLOP/s": rate / 1e9, "% matmul peak": 100 * rate / peak_flops,
                              "vs official": seconds["official"] / seconds[engine]})
             print(f"  {setting.label} {algo} simt={simt}: "
@@ -464,7 +485,9 @@ official: per-image PNG decode), copy it to the device, outer loss, backward, Ad
 `n`: timed repeats after warm-up, taken round-robin over the engines (median reported). `vs official`: official ms / engine ms (> 1: faster).
 FLOPs (convolutions and matrix products, double backward included) are counted once per (setting, algo,
 SiMT) on the loop engine with torch.utils.flop_counter.FlopCounterMode and used for every engine (same
-computation). All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
+computation). `ops/step`: tensor ops dispatched by one step of that engine (a TorchDispatchMode count,
+views included): where a step runs far below the matmul peak, its time follows this count, not its FLOPs.
+All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
 inner loop: its `higher` row runs the loop's code. The ResNet-12 rows are the MAML-family network.
 On CUDA the images are held on the GPU (trainer.data_on_device=auto) for our engines, and `batched bf16`
 is the batched engine under trainer.precision=bf16."""

@@ -56,7 +56,7 @@ def test_quick_benchmark_prints_and_writes_the_tables(tmp_path):
     assert {tuple(row[:4]) for row in rows} == expected and len(rows) == len(expected)
     for row in rows:
         values = dict(zip(header, row))
-        for column in ("ms/step", "GFLOP/step", "GFLOP/s", "% matmul peak", "vs official"):
+        for column in ("ms/step", "ops/step", "GFLOP/step", "GFLOP/s", "% matmul peak", "vs official"):
             assert _number(values[column]) > 0, (row, column)
         assert _number(values["peak MB"]) >= 0
         if values["engine"] == "official":

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.bench import count_ops
 from simt import pipeline
 from simt.algorithms import GradientLearner, MetaSGD, ProtoNet
 from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine
@@ -361,18 +361,8 @@ def test_batched_engine_dispatches_far_fewer_ops_than_the_loop():
         learner = _learner("maml", "conv4", engine)
         target, tasks = _target(learner), _tasks(count=4)
         meta_batch_backward(learner, target, tasks)  # warm-up
-        with _OpCounter() as counter:
-            meta_batch_backward(learner, target, tasks)
-        counts[engine] = counter.count
+        counts[engine] = count_ops(lambda: meta_batch_backward(learner, target, tasks))
     assert counts["loop"] >= 2.5 * counts["batched"], counts
-
-
-class _OpCounter(TorchDispatchMode):
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
