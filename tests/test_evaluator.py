@@ -130,3 +130,19 @@ def test_a_chunk_of_episodes_is_scored_in_one_read_with_the_per_episode_numbers(
     plain = Metric(lambda out, y: float(out.sum() - y.sum()), "plain", higher_is_better=False)  # no `values`
     assert plain.scores(list(logits), list(labels)) == [float(o.sum() - y.sum()) for o, y in zip(logits, labels)]
     assert plain.value(logits[0], labels[0]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_task_is_drawn_with_few_ops_and_comes_out_contiguous(ragged):
+    """Sampling is the per-episode cost of a batched evaluation on a GPU: one gather, support and query
+    contiguous from it, labels made once per sampler."""
+    from benchmarks.bench import count_ops
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=g)
+    offsets = torch.tensor([0, 12, 30, 42, 60]) if ragged else torch.arange(0, 61, 12)
+    sampler = TaskSampler(images, 3, 2, 4, seed=0, offsets=offsets)
+    first, second = sampler.sample(), sampler.sample()
+    assert first.support_x.is_contiguous() and first.query_x.is_contiguous()
+    assert second.support_y is first.support_y and second.query_y is first.query_y
+    assert count_ops(sampler.sample) <= (30 if ragged else 20)  # ragged classes: a mask for the shorter ones

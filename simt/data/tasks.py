@@ -110,26 +110,36 @@ class TaskSampler(MetaBatchSampling):
                              f"only {smallest} images")
         self.ways, self.shots, self.queries, self.min_shots = ways, shots, queries, min_shots
         self.generator = torch.Generator().manual_seed(seed)
+        self.class_size = smallest if bool((self.counts == smallest).all()) else None  # None: sizes differ
+        self._labels: dict[int, torch.Tensor] = {}
 
     def sample(self, shots: int | None = None) -> Task:
-        """One episode; `shots` (at most task.shots) overrides the support size for it."""
+        """One episode; `shots` (at most task.shots) overrides the support size for it.
+
+        Few ops per episode (it is the per-episode cost of a batched evaluation on a GPU): the indices are
+        drawn on the CPU, the images gathered with one indexing op, support and query rows in one index
+        so that both come out contiguous, and the labels (the same in every episode) made once."""
         shots = shots or self.shots
         picked = torch.randperm(len(self.counts), generator=self.generator)[: self.ways]
-        counts = self.counts[picked]
         # A random subset of each picked class: sort random keys, with the keys of slots past a class's
         # size pushed to the end, and keep the first shots+queries.
-        keys = torch.rand(self.ways, int(counts.max()), generator=self.generator)
-        keys[torch.arange(keys.shape[1]) >= counts[:, None]] = 2.0
+        width = self.class_size or int(self.counts[picked].max())
+        keys = torch.rand(self.ways, width, generator=self.generator)
+        if self.class_size is None:
+            keys[torch.arange(width) >= self.counts[picked][:, None]] = 2.0
         order = keys.argsort(dim=1)[:, : shots + self.queries] + self.offsets[picked][:, None]
-        images = unit_pixels(self.images[order.to(self.images.device)])  # (ways, shots + queries, C, H, W)
-        labels = torch.arange(self.ways, device=self.images.device)
-        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  (ways, n, ...) -> (ways * n, ...)
-        return Task(
-            support_x=flat(images[:, :shots]),
-            support_y=labels.repeat_interleave(shots),
-            query_x=flat(images[:, shots:]),
-            query_y=labels.repeat_interleave(self.queries),
-        )
+        rows = torch.cat((order[:, :shots].flatten(), order[:, shots:].flatten()))  # class by class, support first
+        images = unit_pixels(self.images[rows.to(self.images.device)])
+        support = self.ways * shots
+        return Task(images[:support], self._labels_of(shots), images[support:], self._labels_of(self.queries))
+
+    def _labels_of(self, per_class: int) -> torch.Tensor:
+        """0..ways-1, each `per_class` times, on the images' device (one tensor shared by the episodes)."""
+        labels = self._labels.get(per_class)
+        if labels is None:
+            labels = self._labels[per_class] = torch.arange(self.ways, device=self.images.device).repeat_interleave(
+                per_class)
+        return labels
 
 
 class ObjectTaskSampler(MetaBatchSampling):
