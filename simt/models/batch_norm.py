@@ -39,15 +39,30 @@ class RunningStatistics:
 
     @torch.no_grad()
     def apply(self, values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`values`: `self.values` as vmap returned them, each (tasks, C). Updates the buffers in place."""
-        tasks = values[0][0].shape[0] if values else 0
-        for task in range(tasks):  # task by task, each task's calls in order: the per-task loop's order
-            for (running_mean, running_var, batches, momentum), (mean, var) in zip(self.buffers, values):
-                batches.add_(1)
-                # nn.BatchNorm2d: momentum None means a cumulative average over the batches seen so far.
-                factor = 1.0 / float(batches) if momentum is None else momentum
-                running_mean.mul_(1 - factor).add_(mean[task], alpha=factor)
-                running_var.mul_(1 - factor).add_(var[task], alpha=factor)
+        """`values`: `self.values` as vmap returned them, each (tasks, C). Updates the buffers in place, as
+        the per-task loop would have: task by task, each task's calls in order.
+
+        The loop's updates of one buffer form a chain r <- (1 - m) r + m s over its K statistics s_j, so they
+        are applied in closed form, a few ops per buffer instead of a few per update:
+        r_K = (1 - m)^K r_0 + sum_j m (1 - m)^(K-1-j) s_j; with momentum None (nn.BatchNorm2d's cumulative
+        average over the n_0 batches seen so far) r_K = (n_0 r_0 + sum_j s_j) / (n_0 + K)."""
+        chains: dict[int, tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for buffers, stats in zip(self.buffers, values):  # the calls that update the same buffers, in order
+            chains.setdefault(id(buffers[0]), (buffers, []))[1].append(stats)
+        for (running_mean, running_var, batches, momentum), calls in chains.values():
+            # (tasks, calls, C) -> (tasks * calls, C): the loop's order, task-major
+            means = torch.stack([mean for mean, _ in calls], dim=1).flatten(0, 1)
+            variances = torch.stack([var for _, var in calls], dim=1).flatten(0, 1)
+            count = means.shape[0]
+            if momentum is None:  # on the device, without reading the count back
+                for running, stats in ((running_mean, means), (running_var, variances)):
+                    running.mul_(batches).add_(stats.sum(0)).div_(batches + count)
+            else:
+                decay = (1 - momentum) ** torch.arange(count - 1, -1, -1, dtype=torch.float64)
+                weights = (momentum * decay).to(means.device, means.dtype)[:, None]
+                for running, stats in ((running_mean, means), (running_var, variances)):
+                    running.mul_((1 - momentum) ** count).add_((weights * stats).sum(0))
+            batches.add_(count)
 
 
 class ExactBatchNorm2d(nn.BatchNorm2d):
