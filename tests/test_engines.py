@@ -311,6 +311,23 @@ def test_folded_layers_give_each_task_what_the_plain_layer_gives_it(per_task):
     assert not any(hasattr(m, "tasks") for m in layers)
 
 
+@pytest.mark.parametrize("folds", [True, False], ids=["foldable", "vmap"])
+@pytest.mark.parametrize("per_task", [True, False], ids=["own-weights", "shared-weights"])
+def test_a_task_batch_in_eval_mode_gives_each_task_its_own_output(per_task, folds):
+    """Running BatchNorm statistics in eval mode (ProtoNet's evaluation): with shared weights all tasks go
+    through as one ordinary batch; with a weight per task they must not (folded, or under vmap)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)).to(F64).eval()
+    model[1].running_mean.uniform_(-1, 1, generator=g)
+    model.folds_tasks = folds
+    params = {k: v.detach() + 0.1 * torch.randn((4, *v.shape) if per_task else v.shape, generator=g, dtype=F64)
+              for k, v in model.named_parameters()}
+    x = torch.randn(4, 5, 2, 6, 6, generator=g, dtype=F64)
+    expected = torch.stack([functional_call(model, {k: v[t] if per_task else v for k, v in params.items()}, (x[t],))
+                            for t in range(4)])
+    torch.testing.assert_close(TaskBatch(4, model).forward(params, x), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_folded_batch_norm_running_statistics_follow_the_loops_updates(momentum):
     g = torch.Generator().manual_seed(0)

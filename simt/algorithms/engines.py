@@ -129,7 +129,8 @@ class TaskBatch:
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """(T, N, ...) inputs -> (T, N, outputs...)."""
         in_dims = {key: 0 if value.dim() > self._dims[key] else None for key, value in params.items()}
-        if not any(in_dims.values()) and all(not m.training and m.running_mean is not None for m in self._norms):
+        per_task_weights = any(dim is not None for dim in in_dims.values())
+        if not per_task_weights and all(not m.training and m.running_mean is not None for m in self._norms):
             out = functional_call(self.model, params, (x.flatten(0, 1),), strict=False)
             return out.view(self.count, x.shape[1], *out.shape[1:])
         if getattr(self.model, "folds_tasks", False):
