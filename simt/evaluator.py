@@ -77,8 +77,9 @@ def evaluate(learner, models: dict[str, Params], episodes: Iterable[Task], devic
     """Score every model in `models` (name -> params) on every episode; returns name -> per-episode scores.
 
     All models see exactly the same episodes, so their per-episode scores can be compared pairwise.
-    `batch_size` > 1 adapts and scores that many episodes at once (engines.batched_eval_outputs, under
-    vmap): the same scores, faster where one episode's kernels are too small to fill the device (a GPU).
+    `batch_size` > 1 adapts and scores that many episodes at once (engines.batched_eval_outputs, as the
+    batched engine runs a meta-batch): the same scores, faster where one episode's kernels are too small to
+    fill the device (a GPU); at most as many as keep every activation within MAX_TENSOR_ELEMENTS.
     A chunk that runs out of GPU memory is retried in halves, and later chunks keep the smaller size.
     """
     if batch_size < 1:
@@ -120,9 +121,9 @@ MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 
 def largest_chunk(model: torch.nn.Module, task: Task, wanted: int, desc: str = "eval") -> int:
-    """The most episodes like `task` (at most `wanted`) that one batched chunk may hold: under vmap the
-    episodes' images pass through each layer as one tensor, so the widest activation of one image times
-    the images of a chunk must stay within MAX_TENSOR_ELEMENTS."""
+    """The most episodes like `task` (at most `wanted`) that one batched chunk may hold: the chunk's
+    images pass through each layer as one tensor (folded, one batch, or under vmap), so the widest
+    activation of one image times the images of a chunk must stay within MAX_TENSOR_ELEMENTS."""
     widest = widest_activation(model, task.query_x[:2])
     per_episode = widest * max(len(task.support_x), len(task.query_x))  # support and query pass separately
     most = max(1, MAX_TENSOR_ELEMENTS // per_episode)
@@ -154,7 +155,8 @@ def widest_activation(model: torch.nn.Module, images: torch.Tensor) -> int:
 
 
 def _outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:
-    """The models' query outputs on `tasks`: the learner's own per-episode code for one task, vmap for more."""
+    """The models' query outputs on `tasks`: the learner's own per-episode code for one task, the same code
+    on the tasks stacked into one for more (engines.batched_eval_outputs)."""
     if len(tasks) == 1:
         return [learner.eval_outputs(params, tasks[0])]
     # Deferred: simt.algorithms imports simt.data, which imports this module (Metric): a cycle at import time.

@@ -67,7 +67,7 @@ def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
     """Sum over `tasks` of the outer loss (with its graph); each task's statistics are added to `stats`.
 
     The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
-    at once under vmap); losses and statistics are computed from them here, the same for every engine."""
+    at once); losses and statistics are computed from them here, the same for every engine."""
     total = 0.0
     outputs = meta_batch_outputs(learner, learner.meta_parameters(), target, tasks)
     for task, (student_out, teacher_out) in zip(tasks, outputs):

@@ -5,7 +5,8 @@
 - `student_outputs(θ, task)`: query outputs for the outer loss (dropout on where SiMT puts it);
 - `teacher_outputs(θ_m, task)`: the momentum target's query outputs (no gradient);
 - `eval_outputs(θ, task, inner_step=None)`: query outputs at meta-test time (`inner_step`: the inner
-  SGD step to adapt with instead of the engine's, for batched evaluation under vmap);
+  SGD step to adapt with instead of the engine's: batched evaluation adapts with autograd's);
+- `tasks_at_once(task_batch)`: within the block, every task given is a stack of tasks (the batched engine);
 - `task_loss(outputs, targets)`, `state_dict()` / `load_state_dict()`;
 - `engine`: how a meta-batch is run (`simt.algorithms.engines`), resolved from `algo.engine` when built.
 """
