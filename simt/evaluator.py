@@ -143,12 +143,13 @@ def widest_activation(model: torch.nn.Module, images: torch.Tensor) -> int:
             widest[0] = max(widest[0], output.numel() // len(images))
 
     hooks = [module.register_forward_hook(record) for module in model.modules()]
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # dropout may be off in a training model
     try:
         with torch.no_grad():
             model.eval()(images)
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
         for hook in hooks:
             hook.remove()
     return widest[0]

@@ -11,7 +11,7 @@ from simt.algorithms import GradientLearner, MetaSGD, ProtoNet
 from simt.algorithms.engines import batched_eval_outputs
 from simt.data.regression import mse
 from simt.data.tasks import Task
-from simt.evaluator import Metric, accuracy, evaluate
+from simt.evaluator import ACCURACY, Metric, evaluate
 from simt.models import Conv4, ConvRegressor, ResNet12
 from simt.models.batch_norm import ExactBatchNorm2d
 from simt.momentum import MomentumTarget
@@ -74,7 +74,7 @@ def _state(learner, models) -> dict[str, torch.Tensor]:
     return state
 
 
-ACC = Metric(accuracy, "acc", higher_is_better=True)
+ACC = ACCURACY  # with `values`: a batched chunk is scored in one read
 LOSS = Metric(lambda out, y: F.cross_entropy(out, y).item(), "loss", higher_is_better=False)  # tells episodes apart
 
 
@@ -121,8 +121,8 @@ def test_batched_evaluation_equals_per_episode(algo, backbone):
 
 @pytest.mark.parametrize("engine", ["batched", "higher"])
 def test_batched_evaluation_whatever_the_learners_engine(engine):
-    """The batched path adapts with func_sgd_step whatever `algo.engine` says (`higher` cannot run under
-    vmap), and leaves the learner's engine as it was."""
+    """The batched path adapts with autograd's SGD step (sgd_step) whatever `algo.engine` says (`higher`
+    is not run on stacked tasks), and leaves the learner's engine as it was."""
     learner = _learner("maml", engine=engine)
     _assert_batched_equals_per_episode(learner, _models(learner), _episodes())
     assert learner.engine == engine
@@ -174,3 +174,15 @@ def test_chunks_stay_within_the_largest_tensor_cudnn_takes(monkeypatch):
     assert sizes == [2, 2, 2] * len(models)  # 7 episodes per model: 2+2+2, and the last one alone (unbatched)
     assert list(got) == list(expected) and all(got[k] == pytest.approx(v, rel=1e-10) for k, v in expected.items())
     assert all(torch.equal(_state(learner, models)[k], v) for k, v in before.items())  # the probe changed nothing
+
+
+def test_measuring_the_widest_activation_leaves_every_layer_in_its_mode():
+    """A training network with dropout switched off (set_dropout) keeps it off after the probe."""
+    from simt.evaluator import widest_activation
+    from simt.models import set_dropout
+
+    model = Conv4(1, 16, WAYS, hidden=4, drop_p=0.5).train()
+    set_dropout(model, False)
+    modes = [m.training for m in model.modules()]
+    assert widest_activation(model, torch.rand(2, 1, 16, 16)) == 4 * 16 * 16
+    assert [m.training for m in model.modules()] == modes

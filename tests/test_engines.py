@@ -169,7 +169,7 @@ def test_batched_engine_with_labels_that_differ_between_tasks():
 
 
 @pytest.mark.parametrize("engine,calls", [("loop", 2), ("batched", 1)])
-def test_batched_engine_runs_the_meta_batch_in_one_vmapped_call(engine, calls, monkeypatch):
+def test_batched_engine_runs_the_meta_batch_as_one_stacked_task(engine, calls, monkeypatch):
     learner = _learner("maml", "conv4", engine)
     seen = []
     original = learner.student_outputs
@@ -215,7 +215,7 @@ def test_a_meta_step_reads_from_the_device_once_after_every_backward(engine, mon
 
 
 @pytest.mark.parametrize("engine,expected", [("loop", ["task", "backward"] * 3), ("higher", ["task", "backward"] * 3),
-                                             ("batched", ["task", "backward"])])  # vmap: one call for all tasks
+                                             ("batched", ["task", "backward"])])  # one stacked task for all
 def test_per_task_engines_backpropagate_each_task_before_running_the_next(engine, expected):
     """The loop keeps one task's graph at a time (peak memory: one task, as the official code);
     the batched engine has one graph for the meta-batch."""
@@ -341,6 +341,34 @@ def test_folded_batch_norm_running_statistics_follow_the_loops_updates(momentum)
     for name, value in loop.named_buffers():
         torch.testing.assert_close(dict(batched.named_buffers())[name], value, rtol=1e-12, atol=1e-14)
     assert int(batched.num_batches_tracked) == 6
+
+
+def test_folded_batch_norm_keeps_float32_statistics_of_bf16_activations():
+    """Under bf16 autocast the activations are bf16; nn.BatchNorm2d's kernel still accumulates the running
+    statistics in float32, and so does the folded layer (bf16 statistics were off by up to 1.5%)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 16, 2, 6, 6, generator=g) * 3 + 2).bfloat16()  # 3 tasks
+    loop, batched = nn.BatchNorm2d(2, affine=False), nn.BatchNorm2d(2, affine=False)
+    for task in x:
+        loop(task.float())  # the same bf16 values, accumulated in float32
+    with folded_tasks(batched, 3) as statistics:
+        batched(fold(x))
+    statistics.apply(statistics.values)
+    assert batched.running_mean.dtype == torch.float32
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(batched, name), getattr(loop, name), rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_weights_copy_made_without_grad_is_not_reused_with_grad():
+    """The teacher's passes run without grad; a per-task copy of a shared weight made there has no graph,
+    so a later pass with grad must make its own (else θ's gradient through it would silently be zero)."""
+    model = _conv_bn()
+    x = torch.randn(2, 4, 2, 6, 6, dtype=F64)
+    with folded_tasks(model, 2):
+        with torch.no_grad():
+            model(fold(x))
+        model(fold(x)).square().sum().backward()
+    assert model[1].weight.grad is not None and model[1].weight.grad.norm() > 0
 
 
 def test_gradient_learner_with_running_batchnorm_statistics_matches_the_loop_when_batched():

@@ -18,7 +18,8 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
     # Task t's class k is row t * ways + k: one index_add for every task, the per-task sums unchanged.
     rows = (labels.reshape(tasks, -1) + ways * torch.arange(tasks, device=labels.device)[:, None]).flatten()
     sums = embeddings.new_zeros(tasks * ways, dim).index_add_(0, rows, embeddings.reshape(-1, dim))
-    counts = torch.bincount(rows, minlength=tasks * ways).to(embeddings.dtype)
+    # Counted by index_add too: torch.bincount reads its input's maximum back from a GPU.
+    counts = embeddings.new_zeros(tasks * ways).index_add_(0, rows, embeddings.new_ones(rows.shape))
     return (sums / counts[:, None]).view(*lead, ways, dim)
 
 

@@ -51,15 +51,17 @@ class RunningStatistics:
             chains.setdefault(id(buffers[0]), (buffers, []))[1].append(stats)
         for (running_mean, running_var, batches, momentum), calls in chains.values():
             # (tasks, calls, C) -> (tasks * calls, C): the loop's order, task-major
-            means = torch.stack([mean for mean, _ in calls], dim=1).flatten(0, 1)
-            variances = torch.stack([var for _, var in calls], dim=1).flatten(0, 1)
+            # In the buffers' dtype (float32 under bf16 autocast too), as nn.BatchNorm2d's kernel accumulates.
+            means = torch.stack([mean for mean, _ in calls], dim=1).flatten(0, 1).to(running_mean.dtype)
+            variances = torch.stack([var for _, var in calls], dim=1).flatten(0, 1).to(running_var.dtype)
             count = means.shape[0]
             if momentum is None:  # on the device, without reading the count back
                 for running, stats in ((running_mean, means), (running_var, variances)):
                     running.mul_(batches).add_(stats.sum(0)).div_(batches + count)
             else:
-                decay = (1 - momentum) ** torch.arange(count - 1, -1, -1, dtype=torch.float64)
-                weights = (momentum * decay).to(means.device, means.dtype)[:, None]
+                # Made on the device: a copy from the host would wait for the GPU (this runs before the backward).
+                exponents = torch.arange(count - 1, -1, -1, dtype=torch.float64, device=means.device)
+                weights = (momentum * (1 - momentum) ** exponents).to(means.dtype)[:, None]
                 for running, stats in ((running_mean, means), (running_var, variances)):
                     running.mul_((1 - momentum) ** count).add_((weights * stats).sum(0))
             batches.add_(count)

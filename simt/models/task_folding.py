@@ -30,7 +30,7 @@ class _Folded:
     of the weights every task shares (the same θ tensors in every forward of the block: repeated once)."""
 
     tasks: int
-    shared_copies: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    shared_copies: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]
 
     def _per_task(self, weight: torch.Tensor | None, dims: int) -> torch.Tensor | None:
         """A weight as T stacked copies, (T * size, ...): its own per task if it has a task dimension."""
@@ -38,9 +38,11 @@ class _Folded:
             return None
         if weight.dim() == dims + 1:  # (T, size, ...)
             return weight.reshape(self.tasks * weight.shape[1], *weight.shape[2:])
-        cached = self.shared_copies.get(id(weight))
+        # Keyed by grad mode too: a copy made without grad carries no graph back to θ.
+        key = (id(weight), torch.is_grad_enabled())
+        cached = self.shared_copies.get(key)
         if cached is None or cached[0] is not weight:
-            cached = self.shared_copies[id(weight)] = (weight, weight.repeat(self.tasks, *([1] * (dims - 1))))
+            cached = self.shared_copies[key] = (weight, weight.repeat(self.tasks, *([1] * (dims - 1))))
         return cached[1]
 
 
@@ -59,10 +61,11 @@ class FoldedBatchNorm2d(_Folded, nn.BatchNorm2d):
             return F.batch_norm(x, self.running_mean.repeat(self.tasks), self.running_var.repeat(self.tasks), weight,
                                 bias, False, 0.0, self.eps)
         if self.running_mean is not None:  # recorded per task, applied afterwards in the loop's order
-            with torch.no_grad():
+            with torch.no_grad():  # in float32 under bf16 autocast, as nn.BatchNorm2d's kernel computes them
+                full = x.to(torch.promote_types(x.dtype, torch.float32))
                 dims, count = (0, 2, 3), x.shape[0] * x.shape[2] * x.shape[3]
-                mean = x.mean(dim=dims).view(self.tasks, -1)
-                var = x.var(dim=dims, correction=1).view(self.tasks, -1) if count > 1 else torch.zeros_like(mean)
+                mean = full.mean(dim=dims).view(self.tasks, -1)
+                var = full.var(dim=dims, correction=1).view(self.tasks, -1) if count > 1 else torch.zeros_like(mean)
             self.running_statistics.record(self, mean, var)
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
 
