@@ -328,16 +328,27 @@ def test_a_task_batch_in_eval_mode_gives_each_task_its_own_output(per_task, fold
     torch.testing.assert_close(TaskBatch(4, model).forward(params, x), expected, rtol=1e-12, atol=1e-12)
 
 
+def _folded_passes(batched: nn.BatchNorm2d, first: torch.Tensor, second: torch.Tensor) -> None:
+    with folded_tasks(batched, first.shape[0]) as statistics:
+        batched(fold(first)), batched(fold(second))
+    statistics.apply(statistics.values)
+
+
+def _vmapped_passes(batched: nn.BatchNorm2d, first: torch.Tensor, second: torch.Tensor) -> None:
+    with exact_batch_norm(batched) as statistics:
+        _, values = torch.func.vmap(lambda a, b: ((batched(a), batched(b)), statistics.values))(first, second)
+        statistics.apply(values)
+
+
+@pytest.mark.parametrize("passes", [_folded_passes, _vmapped_passes], ids=["folded", "vmap-exact"])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_folded_batch_norm_running_statistics_follow_the_loops_updates(momentum):
+def test_running_statistics_of_stacked_tasks_follow_the_loops_updates(momentum, passes):
     g = torch.Generator().manual_seed(0)
     first, second = (torch.randn(3, 4, 2, 5, 5, generator=g, dtype=F64) * 2 + 1 for _ in range(2))  # 3 tasks
     loop, batched = (nn.BatchNorm2d(2, momentum=momentum).to(F64) for _ in range(2))
     for a, b in zip(first, second):  # two passes per task, as ProtoNet's support and query passes
         loop(a), loop(b)
-    with folded_tasks(batched, 3) as statistics:
-        batched(fold(first)), batched(fold(second))
-    statistics.apply(statistics.values)
+    passes(batched, first, second)
     for name, value in loop.named_buffers():
         torch.testing.assert_close(dict(batched.named_buffers())[name], value, rtol=1e-12, atol=1e-14)
     assert int(batched.num_batches_tracked) == 6
@@ -408,21 +419,6 @@ def test_batched_engine_dispatches_far_fewer_ops_than_the_loop():
         meta_batch_backward(learner, target, tasks)  # warm-up
         counts[engine] = count_ops(lambda: meta_batch_backward(learner, target, tasks))
     assert counts["loop"] >= 2.5 * counts["batched"], counts
-
-
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_exact_batch_norm_running_statistics_follow_the_loops_updates(momentum):
-    g = torch.Generator().manual_seed(0)
-    first, second = (torch.randn(3, 4, 2, 5, 5, generator=g, dtype=F64) * 2 + 1 for _ in range(2))  # 3 tasks
-    loop, batched = (nn.BatchNorm2d(2, momentum=momentum).to(F64) for _ in range(2))
-    for a, b in zip(first, second):  # two passes per task, as ProtoNet's support and query passes
-        loop(a), loop(b)
-    with exact_batch_norm(batched) as statistics:
-        _, values = torch.func.vmap(lambda a, b: ((batched(a), batched(b)), statistics.values))(first, second)
-        statistics.apply(values)
-    for name, value in loop.named_buffers():
-        torch.testing.assert_close(dict(batched.named_buffers())[name], value, rtol=1e-12, atol=1e-14)
-    assert int(batched.num_batches_tracked) == 6
 
 
 def test_exact_batch_norm_swap_is_undone_even_on_error():

@@ -11,7 +11,7 @@
   batch where every image is processed on its own (ProtoNet's evaluation), or under torch.func.vmap over
   the task dimension (any other network: the conv regressor), with `ExactBatchNorm2d` (simt.models.batch_norm
   says why) and a dropout mask per task. Counted on a CPU, a Conv4 MAML + SiMT step of 4 tasks dispatches
-  5,202 ops against the loop's 15,141; the first version (vmap over each whole task, torch.func.grad
+  5,154 ops against the loop's 15,085; the first version (vmap over each whole task, torch.func.grad
   inside) dispatched about as many as the loop.
 - `auto`: `resolve_engine` picks one from the device.
 
