@@ -4,10 +4,10 @@
 
 with SiMT and without (the row's baseline), on fixture files in every data format, written by the test
 helpers (tests/fixtures_*.py). One process instead of one per row saves Python and CUDA start-up.
-trainer=paper validates on 500 episodes (student and target: 1,000 adaptations per SiMT row): on an H100,
-sharing it with other processes, 10-35 s per Conv4 row and 37-98 s per ResNet-12 1-shot row; hours for a
-ResNet-12 row on a 2-core CPU (tests/test_experiments.py runs every row with 2 validation episodes instead,
-`make test-all`). Run it alone on the GPU: three processes sharing an 80 GB card ran out of its memory.
+The command validates on 4 episodes (trainer.val_tasks follows a smaller trainer.eval_tasks; until
+2026-11-26 it stayed at trainer=paper's 500). On a 2-core CPU (2 threads) a Conv4 84x84 row takes about
+a minute (3 second-order meta-steps of 13 s, 16 evaluation episodes); a ResNet-12 row is GPU work. On an
+H100 run it alone on the card: three processes sharing an 80 GB card ran out of its memory.
 
     python -m benchmarks.experiment_rows --out rows.md                 # every row, ResNet-12 rows first
     python -m benchmarks.experiment_rows --only conv4 --simt on trainer.val_tasks=2   # a subset, extra overrides
@@ -18,6 +18,7 @@ Exit status 1 when a row failed.
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     started, results = time.perf_counter(), []
     header = (f"# Experiment rows, acceptance command ({' '.join(ACCEPTANCE)} {' '.join(args.overrides)}), "
               f"torch {torch.__version__}, "
-              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}\n\n")
+              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}, "
+              f"{os.cpu_count()} CPU cores\n\n")
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = write_fixtures(Path(scratch) / "data")
         for index, (name, enabled) in enumerate(runs):

@@ -80,8 +80,9 @@ RULES = {
     "trainer.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "trainer.eval_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.checkpoint_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.val_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
+    # eval_tasks first: the default val_tasks is computed from it.
     "trainer.eval_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
+    "trainer.val_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
     "trainer.episode_seed": (_is_int, "an integer"),
     "trainer.resume": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),

@@ -65,6 +65,21 @@ def test_dropout_only_with_simt():
     assert not any(isinstance(m, torch.nn.Dropout) for m in baseline.modules())
 
 
+@pytest.mark.parametrize("overrides,val_tasks", [
+    ((), 50), (("trainer=paper",), 500),
+    (("trainer=paper", "trainer.eval_tasks=4"), 4),  # a smoke run of a paper row validates on 4, not 500
+    (("trainer=paper", "trainer.eval_tasks=4", "trainer.val_tasks=500"), 500),  # a number set by the user wins
+    (("trainer.eval_tasks=10",), 10),
+])
+def test_validation_uses_at_most_the_test_episodes_unless_set(overrides, val_tasks):
+    assert make_cfg(*overrides).trainer.val_tasks == val_tasks
+
+
+def test_a_bad_test_episode_count_is_reported_before_the_validation_count_computed_from_it():
+    with pytest.raises(pipeline.ConfigError, match=r"^trainer.eval_tasks='many': expected an integer >= 2"):
+        pipeline.check_config(make_cfg(*FAST, "trainer.eval_tasks=many"))
+
+
 @pytest.mark.parametrize("override,message", [
     ("simt.eta=1.5", "simt.eta=1.5: expected a number in [0, 1]"),
     ("simt.lam=-1", "simt.lam=-1: expected a number in [0, 1]"),

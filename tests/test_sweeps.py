@@ -1,6 +1,7 @@
 """The Optuna sweeper: search-space parsing, study bookkeeping, pruning, faults, resume, parallel and
 distributed sweeps (journal file and a real PostgreSQL server), and the files a sweep leaves."""
 import csv
+import json
 import math
 import os
 import shutil
@@ -21,10 +22,10 @@ from optuna.trial import TrialState
 from conftest import ROOT, child_env, make_cfg, run_cli
 from simt import pipeline
 from simt.sweeping import study as study_mod
-from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, SweepError, TrialReporter,
-                                 claim_trials, fail_interrupted, make_pruner, make_sampler)
+from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, RETRIES, RETRY_OF, RUN_DIR,
+                                 SweepError, TrialReporter, claim_trials, fail_interrupted, make_pruner, make_sampler)
 from simt.sweeping.sweep import (DEFAULTS, as_override, corners, default_study_name, load_settings,
-                                 parse_space, reseeded)
+                                 parse_space, record, reseeded, trial_overrides)
 
 QUICK = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sweep=simt_quick"]
 
@@ -133,18 +134,53 @@ def _sqlite_study(tmp_path, name="s", pruner=None) -> tuple[optuna.Study, str]:
     return study, url
 
 
-def test_claims_never_exceed_the_budget_and_skip_interrupted_trials(tmp_path):
+def _interrupt(study: optuna.Study, trial) -> None:
+    study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def test_claims_never_exceed_the_budget_and_retry_interrupted_trials_in_their_run_directory(tmp_path):
     study, url = _sqlite_study(tmp_path)
     dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
     sampler_for = lambda k: optuna.samplers.RandomSampler(seed=k)  # noqa: E731
-    first = claim_trials(study, url, 3, 2, dists, sampler_for)
+    first = claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "sweep")
     assert [t.number for t in first] == [0, 1]
-    assert [t.number for t in claim_trials(study, url, 3, 2, dists, sampler_for)] == [2]
-    assert claim_trials(study, url, 3, 2, dists, sampler_for) == []
-    study._storage.set_trial_user_attr(first[0]._trial_id, INTERRUPTED, True)
-    study._storage.set_trial_state_values(first[0]._trial_id, TrialState.FAIL)
-    assert [t.number for t in claim_trials(study, url, 3, 2, dists, sampler_for)] == [3]  # a replacement
     assert first[0].params != first[1].params  # re-seeded per trial: no repeated draws
+    assert first[1].user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_1")
+    assert [t.number for t in claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "sweep")] == [2]
+    assert claim_trials(study, url, 3, 2, dists, sampler_for) == []
+    _interrupt(study, first[0])
+    (retry,) = claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "again")
+    assert (retry.number, retry.params, retry.user_attrs[RETRY_OF], retry.user_attrs[RETRIES]) == \
+        (3, first[0].params, 0, 1)
+    assert retry.user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_0")  # the checkpoint is there
+    assert trial_overrides(retry, parse_space({}, []), url)[1:4] == [
+        f"hydra.sweep.dir='{tmp_path / 'sweep'}'", "hydra.sweep.subdir=trial_0", "trainer.resume=true"]
+    assert trial_overrides(first[1], parse_space({}, []), url)[1] == "hydra.sweep.subdir=trial_1"
+
+    _interrupt(study, retry)  # interrupted again: retried again, up to MAX_RETRIES times, then given up
+    (second,) = claim_trials(study, url, 3, 2, dists, sampler_for)
+    assert (second.params, second.user_attrs[RETRY_OF], second.user_attrs[RETRIES]) == (first[0].params, 3, 2)
+    assert study_mod.MAX_RETRIES == 2
+    _interrupt(study, second)
+    (fresh,) = claim_trials(study, url, 3, 2, dists, sampler_for)
+    assert fresh.params != first[0].params and RETRY_OF not in fresh.user_attrs
+
+
+def test_a_retried_grid_cell_counts_as_that_cell(tmp_path):
+    study, url = _sqlite_study(tmp_path)
+    space = parse_space({}, ["a=choice(1,2)"])
+    sampler_for = lambda k: make_sampler("grid", space.distributions)  # noqa: E731
+    cells = claim_trials(study, url, 2, 2, space.distributions, sampler_for)
+    assert sorted(t.params["a"] for t in cells) == [1, 2]
+    _interrupt(study, cells[0])
+    record(study, cells[1], 1.0)
+    (retry,) = claim_trials(study, url, 2, 2, space.distributions, sampler_for)
+    assert retry.params == cells[0].params
+    grid_ids = {t.number: t.system_attrs.get("grid_id") for t in study.get_trials()}
+    assert grid_ids[retry.number] == grid_ids[cells[0].number] is not None
+    record(study, retry, 2.0)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
 def test_running_trials_of_dead_sweeps_are_marked_interrupted(tmp_path):
@@ -262,18 +298,24 @@ def test_a_killed_sweep_resumes_with_no_trial_left_running(tmp_path):
                              f"hydra.sweep.dir={tmp_path}/first", "trainer.steps=500", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not glob(f"{tmp_path}/first/trial_0/tb/*") and time.time() < deadline:
-        time.sleep(0.5)  # training has started once TensorBoard writes its first file
+    while not (tmp_path / "first" / "trial_0" / "last.pt").is_file() and time.time() < deadline:
+        time.sleep(0.5)  # killed once it has a checkpoint
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     assert [t.state for t in load(storage, "killed").trials] == [TrialState.RUNNING]
 
-    resumed = sweep_cli(tmp_path, *args)
+    resumed = sweep_cli(tmp_path, *args)  # trainer.steps back to 4: the retry resumes and finishes at once
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = load(storage, "killed").trials
     assert [(t.state, bool(t.user_attrs.get(INTERRUPTED))) for t in trials] == \
         [(TrialState.FAIL, True), (TrialState.COMPLETE, False), (TrialState.COMPLETE, False)]
     assert "1 interrupted" in resumed.stdout + resumed.stderr
+    # trial 1 re-ran trial 0's parameters in trial 0's directory, from its checkpoint
+    assert trials[1].params == trials[0].params and trials[1].user_attrs[RETRY_OF] == 0
+    assert "trial 1 resumes interrupted trial 0" in resumed.stdout + resumed.stderr
+    results = json.loads((tmp_path / "first" / "trial_0" / "results.json").read_text())
+    assert results["objective"] == trials[1].value and results["steps"] >= 2
+    assert trials[1].user_attrs[RUN_DIR] == str(tmp_path / "first" / "trial_0")
 
 
 def test_pruned_trials_stop_training_early(tmp_path):

@@ -18,7 +18,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from simt.sweeping.study import ERROR, INTERRUPTED, RUN_DIR
+from simt.sweeping.study import ERROR, INTERRUPTED, RETRY_OF, RUN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,12 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
              **{f"params.{k}": t.params.get(k, "") for k in names},
              "last_step": t.last_step if t.last_step is not None else "",
              "duration_s": f"{t.duration.total_seconds():.1f}" if t.duration else "",
-             "run_dir": t.user_attrs.get(RUN_DIR, ""), "error": t.user_attrs.get(ERROR, "")} for t in trials]
+             "run_dir": t.user_attrs.get(RUN_DIR, ""), "retry_of": t.user_attrs.get(RETRY_OF, ""),
+             "error": t.user_attrs.get(ERROR, "")} for t in trials]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["number", "state", "value", *(f"params.{k}" for k in names),
-                                                    "last_step", "duration_s", "run_dir", "error"])
+                                                    "last_step", "duration_s", "run_dir", "retry_of", "error"])
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)

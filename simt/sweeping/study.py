@@ -12,6 +12,12 @@ Why owners and heartbeats: a sweep killed mid-trial leaves that trial RUNNING fo
 records its owner (host, pid) and a heartbeat refreshed while it runs; a later sweep marks a RUNNING trial
 FAIL (`interrupted`) when its owner process is gone from this host, or its heartbeat is older than
 STALE_AFTER_S (an owner on another machine). Interrupted trials do not count toward `n_trials`.
+
+Why retries: an interruption (a killed sweep, a lost machine) says nothing about the trial's parameters,
+and replacing it with a fresh draw would lose a grid cell, or hours of training. So the next claim asks
+the same parameters again first, in the interrupted trial's run directory with trainer.resume=true: the
+run continues from its last checkpoint (or returns its result if training had finished). A trial
+interrupted again is retried again, up to MAX_RETRIES times.
 """
 from __future__ import annotations
 
@@ -35,8 +41,10 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30          # how often a sweep refreshes the heartbeat of the trials it runs
 STALE_AFTER_S = 180       # a RUNNING trial silent this long belongs to a dead sweep
+MAX_RETRIES = 2           # an interrupted trial is resumed at most this many times, then given up
 OWNER, HEARTBEAT, INTERRUPTED, ERROR, RUN_DIR = ("simt:owner", "simt:heartbeat", "simt:interrupted",
                                                  "simt:error", "simt:run_dir")
+RETRY_OF, RETRIES = "simt:retry_of", "simt:retries"  # the interrupted trial a trial resumes; how many before it
 PRUNER_ATTR = "simt:pruner"  # the study's pruner spec, so that jobs build the same pruner
 
 
@@ -142,8 +150,10 @@ def fail_interrupted(study: optuna.Study) -> list[int]:
 
 
 def claim_trials(study: optuna.Study, url: str, n_trials: int, count: int, distributions: dict,
-                 sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> list:
-    """Ask up to `count` new trials, never letting the study exceed `n_trials` counted trials.
+                 sampler_for: Callable[[int], optuna.samplers.BaseSampler], sweep_dir: Path | None = None) -> list:
+    """Ask up to `count` trials, never letting the study exceed `n_trials` counted trials: retries of
+    interrupted trials first (see the module docstring), then new ones. Each new trial's run directory
+    (sweep_dir/trial_N) is recorded, so that a retry can find its checkpoint.
 
     `sampler_for(k)` gives the sampler for the study's k-th trial: a seeded sampler re-seeded by k, so a
     resumed sweep, or a second process, does not repeat the first trials' random draws (and one process
@@ -152,14 +162,40 @@ def claim_trials(study: optuna.Study, url: str, n_trials: int, count: int, distr
     with study_lock(url, study.study_name):
         fail_interrupted(study)
         existing = study.get_trials(deepcopy=False)
-        used = sum(counts_toward_budget(t) for t in existing)
-        for k in range(len(existing), len(existing) + max(0, min(count, n_trials - used))):
+        room = max(0, min(count, n_trials - sum(counts_toward_budget(t) for t in existing)))
+        for interrupted in to_retry(existing)[:room]:
+            trials.append(_retry(study, interrupted, distributions))
+        for k in range(len(existing) + len(trials), len(existing) + room):
             study.sampler = sampler_for(k)
             trials.append(study.ask(distributions))
     for trial in trials:
         trial.set_user_attr(OWNER, _owner())
         trial.set_user_attr(HEARTBEAT, time.time())
+        if sweep_dir is not None and RUN_DIR not in trial.user_attrs:
+            trial.set_user_attr(RUN_DIR, str(Path(sweep_dir).absolute() / f"trial_{trial.number}"))
     return trials
+
+
+def to_retry(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Interrupted trials that no trial resumes yet and that have retries left, oldest first."""
+    resumed = {t.user_attrs.get(RETRY_OF) for t in trials}
+    return [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)
+            and t.number not in resumed and t.user_attrs.get(RETRIES, 0) < MAX_RETRIES]
+
+
+def _retry(study: optuna.Study, interrupted: FrozenTrial, distributions: dict) -> optuna.Trial:
+    attrs = {RETRY_OF: interrupted.number, RETRIES: interrupted.user_attrs.get(RETRIES, 0) + 1}
+    if RUN_DIR in interrupted.user_attrs:  # absent for trials claimed before run directories were recorded
+        attrs[RUN_DIR] = interrupted.user_attrs[RUN_DIR]
+    study.enqueue_trial(interrupted.params, user_attrs=attrs)
+    trial = study.ask(distributions)  # takes the enqueued (waiting) trial
+    # A grid sampler knows its cells by these; without them the retry would not cover the cell.
+    for key in ("grid_id", "search_space"):
+        if key in interrupted.system_attrs:
+            study._storage.set_trial_system_attr(trial._trial_id, key, interrupted.system_attrs[key])
+    log.info("trial %d resumes interrupted trial %d (%s)", trial.number, interrupted.number,
+             attrs.get(RUN_DIR, "no run directory recorded: from the start"))
+    return trial
 
 
 class Heartbeat:

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from simt.sweeping import STORAGE_ENV, STUDY_ENV, TRIAL_ID_ENV
 from simt.sweeping.results import write_results
-from simt.sweeping.study import (ERROR, PRUNER_ATTR, RUN_DIR, Heartbeat, SweepError, claim_trials,
+from simt.sweeping.study import (ERROR, PRUNER_ATTR, RETRY_OF, RUN_DIR, Heartbeat, SweepError, claim_trials,
                                  counts_toward_budget, fail_interrupted, fail_own_trials, grid_space, make_pruner,
                                  make_sampler, open_storage, split_spec, study_lock)
 
@@ -164,7 +164,8 @@ def run_sweep(sweeper, arguments: list[str]) -> None:
     heartbeat, started, job_idx, finished = Heartbeat(study), time.time(), 0, 0
     try:
         sampler_for = lambda k: make_sampler(reseeded(settings["sampler"], k), space.distributions)  # noqa: E731
-        while trials := claim_trials(study, url, settings["n_trials"], n_jobs, space.distributions, sampler_for):
+        while trials := claim_trials(study, url, settings["n_trials"], n_jobs, space.distributions, sampler_for,
+                                     sweep_dir):
             heartbeat.trial_ids.update(t._trial_id for t in trials)
             batch = [trial_overrides(trial, space, url) for trial in trials]
             returns = sweeper.launcher.launch(batch, initial_job_idx=job_idx)
@@ -245,9 +246,13 @@ def default_study_name(sweep: str, fixed: list[str]) -> str:
 
 
 def trial_overrides(trial: optuna.Trial, space: Space, url: str) -> list[str]:
-    """One job's overrides: the shared ones, the trial's values, and where to report (see __init__)."""
-    return [*space.fixed, *(as_override(k, v) for k, v in trial.params.items()),
-            f"hydra.sweep.subdir=trial_{trial.number}",  # unique across resumed and parallel sweeps
+    """One job's overrides: the shared ones, the trial's values, where it runs, and where to report (see
+    __init__). A retry runs in the interrupted trial's directory and resumes its checkpoint."""
+    resumed = trial.user_attrs.get(RETRY_OF) is not None and trial.user_attrs.get(RUN_DIR)
+    where = ([f"hydra.sweep.dir={quoted(str(Path(resumed).parent))}", f"hydra.sweep.subdir={quoted(Path(resumed).name)}",
+              "trainer.resume=true"] if resumed
+             else [f"hydra.sweep.subdir=trial_{trial.number}"])  # unique across resumed and parallel sweeps
+    return [*space.fixed, *(as_override(k, v) for k, v in trial.params.items()), *where,
             f"+hydra.job.env_set.{STORAGE_ENV}={quoted(url)}",
             f"+hydra.job.env_set.{STUDY_ENV}={quoted(trial.study.study_name)}",
             f"+hydra.job.env_set.{TRIAL_ID_ENV}={trial._trial_id}"]
