@@ -24,7 +24,12 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
 
 
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """-||q - c_k||^2 for every query q and prototype c_k: (..., queries, ways)."""
+    """-||q - c_k||^2 for every query q and prototype c_k: (..., queries, ways), in float32 at least.
+
+    Under bf16 autocast the embeddings arrive in bf16, whose 8-bit mantissa would round class means and
+    distances of a few hundred to whole units: logits off by that much move the softmax."""
+    dtype = torch.promote_types(support.dtype, torch.float32)
+    support, query = support.to(dtype), query.to(dtype)
     protos = prototypes(support, support_y, int(support_y.max()) + 1)
     return -(query[..., :, None, :] - protos[..., None, :, :]).pow(2).sum(-1)
 
