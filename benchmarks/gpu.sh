@@ -6,7 +6,8 @@
 #   3. the benchmark on CUDA (every setting, REPEATS (6) timed steps per row; EVAL_TASKS (200) evaluation tasks
 #      timed per row, scaled to 2,000). 2026-11-26, H100, 10 repeats, 300 tasks: 288 s for the four Conv4 settings'
 #      steps and the 28x28 evaluations; the defaults here are sized to leave the ResNet-12 setting room.
-# The experiment rows' acceptance runs are another session's work (alone on the GPU: benchmarks/README.md).
+# `bash benchmarks/gpu.sh rows` (`make rows-gpu`) instead: the experiment rows' acceptance command for the ResNet-12
+# rows (ROWS_ONLY), alone on the card, rows started until ROWS_BUDGET (480) s: the CPU cannot run them (hours each).
 # Results go to $OUT when it is set (the lent GPU machines' output folder), else to benchmarks/results/.
 # Python: .venv when there is one; else python3 (a lent machine's python3 holds torch): then the other
 # dependencies come from .whl/ (`make gpu-wheels` here, and carry .whl), installed into /tmp/site.
@@ -25,6 +26,14 @@ mkdir -p "$out"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } 2>&1 | tee "$out/gpu-tests.txt"
+if [ "${1:-bench}" = rows ]; then
+  timeout "${ROWS_TIMEOUT:-560}" $PY -m benchmarks.experiment_rows --only "${ROWS_ONLY:-resnet12}" \
+    --budget "${ROWS_BUDGET:-480}" --out "$out/$(date -u +%Y-%m-%d)-cuda-experiment-rows.md" trainer.threads=8 \
+    2>"$out/rows-log.txt" | tail -n 60
+  rows=${PIPESTATUS[0]}
+  echo "experiment rows exit $rows (124: stopped at its time limit; the rows done are in the table)"
+  exit "$rows"
+fi
 timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider tests >>"$out/gpu-tests.txt" 2>&1
 tests=$?
 tail -n 25 "$out/gpu-tests.txt"

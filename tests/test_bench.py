@@ -183,3 +183,16 @@ def test_a_setting_that_fails_is_reported_and_the_others_still_run(tmp_path, mon
     text = out.read_text()
     assert "## Settings that failed" in text
     assert "- conv4 32x32x3 5w1s: OutOfMemoryError: CUDA out of memory. Tried to allocate 13.50 GiB\n" in text
+
+
+@pytest.mark.slow
+def test_gpu_script_rows_mode_runs_the_chosen_rows_and_writes_their_table(tmp_path):
+    """`bash benchmarks/gpu.sh rows` (a GPU session's ResNet-12 acceptance runs), here on the CPU with the
+    kanji_pose rows: no nvidia-smi, no CUDA, and still the table."""
+    from tests.conftest import child_env
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "rows"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=child_env(OUT=str(tmp_path), ROWS_ONLY="kanji_pose"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (table,) = tmp_path.glob("*-cuda-experiment-rows.md")
+    assert "2 of 2 rows ran and gave a finite objective." in table.read_text()
+    assert "| kanji_pose_maml | no | cpu |" in table.read_text()
