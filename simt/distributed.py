@@ -75,6 +75,15 @@ def broadcast_object(value):
     return box[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's value, in rank order, on every rank ([value] in a single process)."""
+    if not active():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (and returned)."""
     if active():

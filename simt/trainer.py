@@ -144,6 +144,7 @@ class Trainer:
         self.selects = "target" if target is not None else "student"
         self.state = TrainState()
         self._stop_signal: int | None = None
+        self._rank_rngs: list[dict] | None = None
 
     def fit(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._request_stop)  # cluster preemption: save, then exit
@@ -160,8 +161,8 @@ class Trainer:
                 self._log(step, {"loss": loss, **stats, "step_time_s": time.perf_counter() - started})
                 if main and (step % self.eval_every == 0 or step == self.steps):
                     self._validate(step, selects=step % self.eval_every == 0 or self.state.best_step is None)
-                if main and (step % self.checkpoint_every == 0 or step == self.steps or stop):
-                    self.save()
+                if step % self.checkpoint_every == 0 or step == self.steps or stop:
+                    self.save()  # every rank takes part (its random state); rank 0 writes
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", best=self.state.best_value)
                 if stop:
@@ -204,13 +205,17 @@ class Trainer:
 
     def _start_ranks(self) -> None:
         """torchrun: rank 0's weights everywhere (they are equal by seeding; this makes it a fact), and a
-        different dropout stream per rank, derived from the (checkpointed) common one."""
+        different dropout stream per rank: derived from the common one at the start, the rank's own saved
+        stream on a resume (with the same number of ranks; else derived again from the checkpoint's)."""
         if distributed.world_size() == 1:
             return
         target = list(self.target.params.values()) if self.target is not None else []  # its buffers included
         distributed.broadcast_tensors([*self.learner.meta_parameters().values(),
                                        *self.learner.momentum_buffers().values(), *target])
-        torch.manual_seed(int(torch.randint(2**62, (1,))) + distributed.rank())
+        if self._rank_rngs is not None and len(self._rank_rngs) == distributed.world_size():
+            _set_rng_states(self._rank_rngs[distributed.rank()])
+        else:
+            torch.manual_seed(int(torch.randint(2**62, (1,))) + distributed.rank())
 
     def _fail(self, what: str):
         saved = self.state.saved_step
@@ -247,13 +252,19 @@ class Trainer:
                 "target": self.target.state_dict() if self.target is not None else None}
 
     def save(self) -> None:
+        """Write last.pt (rank 0). Under torchrun every rank calls it: each draws its own dropout masks, so
+        each rank's random state is saved, and a resumed run continues every stream where it stopped."""
+        rank_rngs = distributed.all_gather_object(_rng_states())
+        if not distributed.is_main():
+            return
         state = self.state
         state.saved_step = state.step
         checkpoint.save_atomic({
             **self._weights(),
             "step": state.step, "best_value": state.best_value, "best_step": state.best_step,
             "history": state.history, "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(), "rng": _rng_states(), "config": self.config,
+            "sampler": self.sampler.state_dict(), "rng": rank_rngs[0], "config": self.config,
+            **({"rank_rngs": rank_rngs} if len(rank_rngs) > 1 else {}),
         }, self.run_dir / checkpoint.LAST)
 
     def resume(self, payload: dict) -> None:
@@ -263,6 +274,7 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.sampler.load_state_dict(payload["sampler"])
         _set_rng_states(payload["rng"])
+        self._rank_rngs = payload.get("rank_rngs")  # restored by _start_ranks when the world size matches
         # Drop last-step validations that did not choose: a longer run would not have made them.
         history = [entry for entry in payload["history"] if entry["selects"]]
         self.state = TrainState(payload["step"], payload["best_value"], payload["best_step"], history,

@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simt import distributed, evaluator, pipeline
+from simt import checkpoint, distributed, evaluator, pipeline
 from simt.data.tasks import Task, unit_pixels
 from simt.trainer import Trainer, autocast, meta_batch_loss
 from tests.conftest import ROOT, child_env, fast, make_cfg
@@ -101,6 +103,44 @@ def test_two_gloo_processes_train_the_same_parameters_as_one(algo, tmp_path):
             assert _relative_error(state[key], expected) <= 1e-6, (key, rank)
     for key in single:  # every rank holds the same state, buffers included
         assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+def _train_with_dropout(rank: int, world: int, port: int, out: str, steps: int, resume: bool) -> None:
+    """MAML + SiMT with dropout on `world` gloo processes, checkpointing every 2 steps (resumed from out's
+    last.pt when `resume`); saves each rank's parameters."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        cfg = make_cfg(*fast("task.meta_batch_size=4", "simt.drop_p=0.3", "trainer.device=cpu"))
+        exp = pipeline.build(cfg)
+        sampler = exp.dataset.split("train").sampler(5, cfg.task.shots, cfg.task.queries, seed=cfg.seed)
+        optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=1e-3)
+        trainer = Trainer(exp.learner, exp.target, optimizer, sampler, lambda step: {"student": 0.0, "target": 0.0},
+                          Path(out), steps=steps, meta_batch_size=4, eval_every=100, checkpoint_every=2,
+                          device=torch.device("cpu"))
+        if resume:
+            trainer.resume(checkpoint.load(Path(out) / checkpoint.LAST))
+        trainer.fit()
+        torch.save({k: v.detach().clone() for k, v in exp.learner.meta_parameters().items()},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_with_dropout_resume_exactly_where_they_stopped(tmp_path):
+    """Each rank draws its own dropout masks; the checkpoint keeps every rank's random state, so 2 steps,
+    then a resume to 4, give bitwise the parameters of 4 steps in one go, on both ranks."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    mp.spawn(_train_with_dropout, args=(2, _free_port(), str(straight), 4, False), nprocs=2, join=True)
+    mp.spawn(_train_with_dropout, args=(2, _free_port(), str(resumed), 2, False), nprocs=2, join=True)
+    assert len(checkpoint.load(resumed / checkpoint.LAST)["rank_rngs"]) == 2
+    mp.spawn(_train_with_dropout, args=(2, _free_port(), str(resumed), 4, True), nprocs=2, join=True)
+    for rank in range(2):
+        one_go, two_goes = torch.load(straight / f"rank{rank}.pt"), torch.load(resumed / f"rank{rank}.pt")
+        assert all(torch.equal(one_go[k], two_goes[k]) for k in one_go), rank
 
 
 def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
