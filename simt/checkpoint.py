@@ -1,4 +1,7 @@
-"""Checkpoints: one dict per file, written atomically so a crash or a kill never leaves a torn file."""
+"""Checkpoints: one dict per file, written atomically so a crash or a kill never leaves a torn file; and the
+lock that keeps two processes from training in one run directory."""
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -7,6 +10,7 @@ import torch
 
 LAST = "last.pt"  # everything needed to resume, rewritten every trainer.checkpoint_every steps
 BEST = "best.pt"  # the weights chosen by validation, used for the final test
+LOCK = "run.lock"  # held (flock) by the process training in the directory; the kernel frees it when it dies
 
 
 class CheckpointError(ValueError):
@@ -47,3 +51,38 @@ def load(path: Path) -> dict:
     except Exception as error:  # torn or foreign file: say which and why in one line
         raise CheckpointError(f"checkpoint {path}: unreadable ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path):
+    """Hold the run directory's lock while training in it: a second process there (a resume started while
+    the first still runs, a sweep retrying a trial whose job outlived its sweep) would interleave both
+    processes' checkpoints."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise CheckpointError(f"run directory {run_dir} is in use by another process (pid "
+                                  f"{handle.read().strip() or '?'}): wait for it to end, or use another "
+                                  f"directory") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def run_dir_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock (see hold_run_dir)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

@@ -2,6 +2,7 @@
 
 Nothing else in the package reads the config; everything else takes plain objects and numbers.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -377,6 +378,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         return evaluate_saved(cfg, run_dir) if distributed.is_main() else float("nan")
     started, run_dir = time.time(), Path(distributed.broadcast_object(str(run_dir)))  # torchrun: rank 0's
     main = distributed.is_main()
+    with checkpoint.hold_run_dir(run_dir) if main else contextlib.nullcontext():
+        return _train_and_test(cfg, run_dir, started, main)
+
+
+def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) -> float:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     finished = _finished_results(run_dir, resolved) if cfg.trainer.resume else None
     if finished:
@@ -385,6 +391,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     last = run_dir / checkpoint.LAST
     payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
     if payload:
+        kept = cfg.trainer.val_tasks
+        cfg, resolved = _validation_as_saved(cfg, payload["config"], resolved)
+        if kept != cfg.trainer.val_tasks and main:
+            log.warning("trainer.val_tasks=%s: the run being resumed validates on %s episodes, and so will the rest "
+                        "of it", kept, cfg.trainer.val_tasks)
         _check_same_run(payload["config"], resolved, last)
     elif cfg.trainer.resume and main:
         log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
@@ -475,6 +486,35 @@ def _finished_results(run_dir: Path, resolved: dict) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return results if results.get("config_hash") == config_hash(resolved) else None
+
+
+def _validation_as_saved(cfg: DictConfig, saved: dict, resolved: dict) -> tuple[DictConfig, dict]:
+    """A resumed run validates on the checkpoint's number of episodes, whatever trainer.val_tasks says now
+    (unless set, it follows trainer.eval_tasks, which a resume may change): the best model is chosen by
+    comparing validations, so they must all use the same episodes."""
+    kept = saved.get("trainer", {}).get("val_tasks")
+    if kept is None or kept == cfg.trainer.val_tasks:
+        return cfg, resolved
+    cfg = OmegaConf.merge(cfg, {"trainer": {"val_tasks": kept}})
+    return cfg, OmegaConf.to_container(cfg, resolve=True)
+
+
+def resume_problem(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why `cfg` could not continue the run in run_dir with trainer.resume=true (one line), or None: it can,
+    or there is nothing to continue. The sweeper asks before retrying an interrupted trial in place."""
+    run_dir = Path(run_dir)
+    if checkpoint.run_dir_in_use(run_dir):
+        return f"{run_dir} is in use by another process"
+    last = run_dir / checkpoint.LAST
+    if not last.is_file():
+        return None
+    try:
+        saved = checkpoint.load(last)["config"]
+        _, resolved = _validation_as_saved(cfg, saved, OmegaConf.to_container(cfg, resolve=True))
+        _check_same_run(saved, resolved, last)
+    except (ConfigError, CheckpointError) as error:
+        return str(error)
+    return None
 
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:

@@ -255,10 +255,10 @@ class Trainer:
         """Write last.pt (rank 0). Under torchrun every rank calls it: each draws its own dropout masks, so
         each rank's random state is saved, and a resumed run continues every stream where it stopped."""
         rank_rngs = distributed.all_gather_object(_rng_states())
+        state = self.state
+        state.saved_step = state.step  # on every rank: its error messages name the last checkpoint
         if not distributed.is_main():
             return
-        state = self.state
-        state.saved_step = state.step
         checkpoint.save_atomic({
             **self._weights(),
             "step": state.step, "best_value": state.best_value, "best_step": state.best_step,

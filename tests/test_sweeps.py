@@ -19,13 +19,13 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import ROOT, child_env, make_cfg, run_cli
-from simt import pipeline
+from conftest import ROOT, child_env, fast, make_cfg, run_cli
+from simt import checkpoint, pipeline
 from simt.sweeping import study as study_mod
-from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, RETRIES, RETRY_OF, RUN_DIR,
+from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, RESUME, RETRIES, RETRY_OF, RUN_DIR,
                                  SweepError, TrialReporter, claim_trials, fail_interrupted, make_pruner, make_sampler)
 from simt.sweeping.sweep import (DEFAULTS, as_override, corners, default_study_name, load_settings,
-                                 parse_space, record, reseeded, trial_overrides)
+                                 parse_space, place_retry, record, reseeded, trial_overrides)
 
 QUICK = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sweep=simt_quick"]
 
@@ -153,10 +153,7 @@ def test_claims_never_exceed_the_budget_and_retry_interrupted_trials_in_their_ru
     (retry,) = claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "again")
     assert (retry.number, retry.params, retry.user_attrs[RETRY_OF], retry.user_attrs[RETRIES]) == \
         (3, first[0].params, 0, 1)
-    assert retry.user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_0")  # the checkpoint is there
-    assert trial_overrides(retry, parse_space({}, []), url)[1:4] == [
-        f"hydra.sweep.dir='{tmp_path / 'sweep'}'", "hydra.sweep.subdir=trial_0", "trainer.resume=true"]
-    assert trial_overrides(first[1], parse_space({}, []), url)[1] == "hydra.sweep.subdir=trial_1"
+    assert retry.user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_0")  # its checkpoint, if any, is there
 
     _interrupt(study, retry)  # interrupted again: retried again, up to MAX_RETRIES times, then given up
     (second,) = claim_trials(study, url, 3, 2, dists, sampler_for)
@@ -165,17 +162,58 @@ def test_claims_never_exceed_the_budget_and_retry_interrupted_trials_in_their_ru
     _interrupt(study, second)
     (fresh,) = claim_trials(study, url, 3, 2, dists, sampler_for)
     assert fresh.params != first[0].params and RETRY_OF not in fresh.user_attrs
+    _interrupt(study, fresh)  # claimed without a run directory (as by older versions): not retried
+    assert RETRY_OF not in claim_trials(study, url, 3, 2, dists, sampler_for)[0].user_attrs
+
+
+def test_a_retry_resumes_in_place_only_where_that_can_work(tmp_path):
+    """place_retry: the interrupted trial's directory with trainer.resume=true when its checkpoint has this
+    config and no process holds it; else the same parameters from the start in a directory of its own."""
+    study, url = _sqlite_study(tmp_path)
+    space = parse_space({}, [*fast(), "simt.eta=interval(0.9,0.99)"])
+    compose = lambda overrides: make_cfg(*overrides)  # noqa: E731
+    sampler_for = lambda k: optuna.samplers.RandomSampler(seed=k)  # noqa: E731
+    runs = tmp_path / "first"
+
+    def retry_of_a_run(checkpoint_config: list[str] | None):
+        (trial,) = claim_trials(study, url, 100, 1, space.distributions, sampler_for, runs)
+        if checkpoint_config is not None:
+            pipeline.run(make_cfg(*fast(*checkpoint_config, f"simt.eta={trial.params['simt.eta']}")),
+                         Path(trial.user_attrs[RUN_DIR]))
+        _interrupt(study, trial)
+        (retry,) = claim_trials(study, url, 100, 1, space.distributions, sampler_for, tmp_path / "second")
+        assert retry.params == trial.params
+        place_retry(retry, space, compose, tmp_path / "second")
+        return trial, retry
+
+    trial, retry = retry_of_a_run([])  # a checkpoint of this very config: resumed in place
+    assert retry.user_attrs[RESUME] and retry.user_attrs[RUN_DIR] == trial.user_attrs[RUN_DIR]
+    assert trial_overrides(retry, space, url)[-6:-3] == [
+        f"hydra.sweep.dir='{runs}'", f"hydra.sweep.subdir=trial_{trial.number}", "trainer.resume=true"]
+    fresh = lambda t: (RESUME not in t.user_attrs and  # noqa: E731
+                       t.user_attrs[RUN_DIR] == str(tmp_path / "second" / f"trial_{t.number}") and
+                       trial_overrides(t, space, url)[-4] == f"hydra.sweep.subdir=trial_{t.number}")
+    assert fresh(retry_of_a_run(None)[1])  # the directory is not on this machine
+    assert fresh(retry_of_a_run(["simt.lam=0.25"])[1])  # the checkpoint's config differs
+    (trial,) = claim_trials(study, url, 100, 1, space.distributions, sampler_for, runs)
+    with checkpoint.hold_run_dir(trial.user_attrs[RUN_DIR]):  # a job of the dead sweep still runs there
+        _interrupt(study, trial)
+        (retry,) = claim_trials(study, url, 100, 1, space.distributions, sampler_for, tmp_path / "second")
+        place_retry(retry, space, compose, tmp_path / "second")
+        assert fresh(retry)
+        with pytest.raises(checkpoint.CheckpointError, match="is in use by another process"):
+            pipeline.run(make_cfg(*fast()), Path(trial.user_attrs[RUN_DIR]))
 
 
 def test_a_retried_grid_cell_counts_as_that_cell(tmp_path):
     study, url = _sqlite_study(tmp_path)
     space = parse_space({}, ["a=choice(1,2)"])
     sampler_for = lambda k: make_sampler("grid", space.distributions)  # noqa: E731
-    cells = claim_trials(study, url, 2, 2, space.distributions, sampler_for)
+    cells = claim_trials(study, url, 2, 2, space.distributions, sampler_for, tmp_path)
     assert sorted(t.params["a"] for t in cells) == [1, 2]
     _interrupt(study, cells[0])
     record(study, cells[1], 1.0)
-    (retry,) = claim_trials(study, url, 2, 2, space.distributions, sampler_for)
+    (retry,) = claim_trials(study, url, 2, 2, space.distributions, sampler_for, tmp_path)
     assert retry.params == cells[0].params
     grid_ids = {t.number: t.system_attrs.get("grid_id") for t in study.get_trials()}
     assert grid_ids[retry.number] == grid_ids[cells[0].number] is not None

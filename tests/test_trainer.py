@@ -133,6 +133,15 @@ def test_resume_refuses_a_different_config(tmp_path):
         pipeline.run(make_cfg(*fast("trainer.resume=true", "simt.enabled=false")), tmp_path)
 
 
+def test_resume_keeps_validating_on_the_checkpoints_number_of_episodes(tmp_path, caplog):
+    """val_tasks follows a smaller eval_tasks unless set, and a resume may change eval_tasks: the resumed
+    run still validates on the episodes it chose its best model by (and says so)."""
+    pipeline.run(make_cfg(*fast("trainer.steps=2", "trainer.val_tasks=4")), tmp_path)
+    pipeline.run(make_cfg(*fast("trainer.steps=4", "trainer.val_tasks=3", "trainer.resume=true")), tmp_path)
+    assert _results(tmp_path)["config"]["trainer"]["val_tasks"] == 4 and _results(tmp_path)["steps"] == 4
+    assert "trainer.val_tasks=3: the run being resumed validates on 4 episodes" in caplog.text
+
+
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     run = _start(tmp_path, *fast("trainer.steps=100000", "trainer.checkpoint_every=100000",
                                  "trainer.eval_every=100000"))

@@ -10,6 +10,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 
+import simt  # noqa: F401  (light: registers the config resolvers, so that any compose of conf/ resolves)
+
 
 @dataclass
 class OptunaSweeperConf:

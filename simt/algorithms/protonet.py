@@ -28,7 +28,7 @@ def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torc
 
     Under bf16 autocast the embeddings arrive in bf16, whose 8-bit mantissa would round class means and
     distances of a few hundred to whole units: logits off by that much move the softmax."""
-    dtype = torch.promote_types(support.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(support.dtype, query.dtype), torch.float32)
     support, query = support.to(dtype), query.to(dtype)
     protos = prototypes(support, support_y, int(support_y.max()) + 1)
     return -(query[..., :, None, :] - protos[..., None, :, :]).pow(2).sum(-1)

@@ -15,9 +15,12 @@ STALE_AFTER_S (an owner on another machine). Interrupted trials do not count tow
 
 Why retries: an interruption (a killed sweep, a lost machine) says nothing about the trial's parameters,
 and replacing it with a fresh draw would lose a grid cell, or hours of training. So the next claim asks
-the same parameters again first, in the interrupted trial's run directory with trainer.resume=true: the
-run continues from its last checkpoint (or returns its result if training had finished). A trial
-interrupted again is retried again, up to MAX_RETRIES times.
+the same parameters again first, and the sweep (sweep.place_retry) runs them in the interrupted trial's
+run directory with trainer.resume=true: the run continues from its last checkpoint (or returns its result
+if training had finished). Where that cannot work (the directory is on another machine, a job of the dead
+sweep still runs in it, the config changed) the retry starts afresh in a directory of its own. A trial
+interrupted again is retried again, up to MAX_RETRIES times. Trials interrupted before run directories
+were recorded (older versions of this code replaced them with a fresh draw then) are not retried.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ STALE_AFTER_S = 180       # a RUNNING trial silent this long belongs to a dead s
 MAX_RETRIES = 2           # an interrupted trial is resumed at most this many times, then given up
 OWNER, HEARTBEAT, INTERRUPTED, ERROR, RUN_DIR = ("simt:owner", "simt:heartbeat", "simt:interrupted",
                                                  "simt:error", "simt:run_dir")
-RETRY_OF, RETRIES = "simt:retry_of", "simt:retries"  # the interrupted trial a trial resumes; how many before it
+RETRY_OF, RETRIES = "simt:retry_of", "simt:retries"  # the interrupted trial a trial retries; how many before it
+RESUME = "simt:resume"  # true: the retry continues the interrupted trial's run in its directory
 PRUNER_ATTR = "simt:pruner"  # the study's pruner spec, so that jobs build the same pruner
 
 
@@ -177,24 +181,22 @@ def claim_trials(study: optuna.Study, url: str, n_trials: int, count: int, distr
 
 
 def to_retry(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Interrupted trials that no trial resumes yet and that have retries left, oldest first."""
-    resumed = {t.user_attrs.get(RETRY_OF) for t in trials}
+    """Interrupted trials with a recorded run directory that no trial retries yet and that have retries
+    left, oldest first."""
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     return [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)
-            and t.number not in resumed and t.user_attrs.get(RETRIES, 0) < MAX_RETRIES]
+            and RUN_DIR in t.user_attrs and t.number not in retried and t.user_attrs.get(RETRIES, 0) < MAX_RETRIES]
 
 
 def _retry(study: optuna.Study, interrupted: FrozenTrial, distributions: dict) -> optuna.Trial:
-    attrs = {RETRY_OF: interrupted.number, RETRIES: interrupted.user_attrs.get(RETRIES, 0) + 1}
-    if RUN_DIR in interrupted.user_attrs:  # absent for trials claimed before run directories were recorded
-        attrs[RUN_DIR] = interrupted.user_attrs[RUN_DIR]
+    attrs = {RETRY_OF: interrupted.number, RETRIES: interrupted.user_attrs.get(RETRIES, 0) + 1,
+             RUN_DIR: interrupted.user_attrs[RUN_DIR]}  # where it resumes, if sweep.place_retry agrees
     study.enqueue_trial(interrupted.params, user_attrs=attrs)
     trial = study.ask(distributions)  # takes the enqueued (waiting) trial
     # A grid sampler knows its cells by these; without them the retry would not cover the cell.
     for key in ("grid_id", "search_space"):
         if key in interrupted.system_attrs:
             study._storage.set_trial_system_attr(trial._trial_id, key, interrupted.system_attrs[key])
-    log.info("trial %d resumes interrupted trial %d (%s)", trial.number, interrupted.number,
-             attrs.get(RUN_DIR, "no run directory recorded: from the start"))
     return trial
 
 

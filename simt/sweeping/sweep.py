@@ -21,11 +21,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from simt.sweeping import STORAGE_ENV, STUDY_ENV, TRIAL_ID_ENV
 from simt.sweeping.results import write_results
-from simt.sweeping.study import (ERROR, PRUNER_ATTR, RETRY_OF, RUN_DIR, Heartbeat, SweepError, claim_trials,
+from simt.sweeping.study import (ERROR, PRUNER_ATTR, RESUME, RETRY_OF, RUN_DIR, Heartbeat, SweepError, claim_trials,
                                  counts_toward_budget, fail_interrupted, fail_own_trials, grid_space, make_pruner,
                                  make_sampler, open_storage, split_spec, study_lock)
 
@@ -167,6 +167,9 @@ def run_sweep(sweeper, arguments: list[str]) -> None:
         while trials := claim_trials(study, url, settings["n_trials"], n_jobs, space.distributions, sampler_for,
                                      sweep_dir):
             heartbeat.trial_ids.update(t._trial_id for t in trials)
+            for trial in trials:
+                if trial.user_attrs.get(RETRY_OF) is not None:
+                    place_retry(trial, space, lambda o: loader.load_sweep_config(config, o), sweep_dir)
             batch = [trial_overrides(trial, space, url) for trial in trials]
             returns = sweeper.launcher.launch(batch, initial_job_idx=job_idx)
             job_idx += len(batch)
@@ -245,11 +248,39 @@ def default_study_name(sweep: str, fixed: list[str]) -> str:
     return sweep + (f"[{','.join(sorted(fixed))}]" if fixed else "")
 
 
+def place_retry(trial: optuna.Trial, space: Space, compose, sweep_dir: Path) -> None:
+    """Let a retry continue the interrupted trial's run in its directory when that can work; else run the
+    same parameters from the start in a directory of its own (see study.py on retries)."""
+    previous = Path(trial.user_attrs[RUN_DIR])
+    problem = _resume_problem(trial, space, compose, previous)
+    if problem is None:
+        trial.set_user_attr(RESUME, True)
+        log.info("trial %d resumes interrupted trial %d in %s", trial.number, trial.user_attrs[RETRY_OF], previous)
+        return
+    fresh = Path(sweep_dir).absolute() / f"trial_{trial.number}"
+    trial.set_user_attr(RUN_DIR, str(fresh))
+    log.warning("trial %d runs interrupted trial %d's parameters from the start in %s: %s", trial.number,
+                trial.user_attrs[RETRY_OF], fresh, problem)
+
+
+def _resume_problem(trial: optuna.Trial, space: Space, compose, run_dir: Path) -> str | None:
+    from simt import pipeline
+    if not run_dir.is_dir():
+        return f"{run_dir} is not on this machine"
+    if "${" in str(run_dir) or "\\" in str(run_dir):
+        return f"{run_dir}: a path a Hydra override cannot carry"
+    cfg = compose([*space.fixed, *(as_override(k, v) for k, v in trial.params.items()), "trainer.resume=true"])
+    if "hydra" in cfg:
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]  # the job's config, as Hydra hands it to run.py
+    return pipeline.resume_problem(cfg, run_dir)
+
+
 def trial_overrides(trial: optuna.Trial, space: Space, url: str) -> list[str]:
     """One job's overrides: the shared ones, the trial's values, where it runs, and where to report (see
-    __init__). A retry runs in the interrupted trial's directory and resumes its checkpoint."""
-    resumed = trial.user_attrs.get(RETRY_OF) is not None and trial.user_attrs.get(RUN_DIR)
-    where = ([f"hydra.sweep.dir={quoted(str(Path(resumed).parent))}", f"hydra.sweep.subdir={quoted(Path(resumed).name)}",
+    __init__). A retry that resumes runs in the interrupted trial's directory (see place_retry)."""
+    resumed = trial.user_attrs.get(RESUME) and Path(trial.user_attrs[RUN_DIR])
+    where = ([f"hydra.sweep.dir={quoted(str(resumed.parent))}", f"hydra.sweep.subdir={quoted(resumed.name)}",
               "trainer.resume=true"] if resumed
              else [f"hydra.sweep.subdir=trial_{trial.number}"])  # unique across resumed and parallel sweeps
     return [*space.fixed, *(as_override(k, v) for k, v in trial.params.items()), *where,
