@@ -7,7 +7,8 @@
 #      timed per row, scaled to 2,000). 2026-11-26, H100, 10 repeats, 300 tasks: 288 s for the four Conv4 settings'
 #      steps and the 28x28 evaluations; the defaults here are sized to leave the ResNet-12 setting room.
 # `bash benchmarks/gpu.sh rows` (`make rows-gpu`) instead: the experiment rows' acceptance command for the ResNet-12
-# rows (ROWS_ONLY), alone on the card, rows started until ROWS_BUDGET (480) s: the CPU cannot run them (hours each).
+# rows (ROWS_ONLY), alone on the card, rows started until ROWS_BUDGET (480) s: a 2-core CPU cannot run them in a
+# session (an estimated 10+ minutes per 1-shot row, 30+ per 5-shot row).
 # Results go to $OUT when it is set (the lent GPU machines' output folder), else to benchmarks/results/.
 # Python: .venv when there is one; else python3 (a lent machine's python3 holds torch): then the other
 # dependencies come from .whl/ (`make gpu-wheels` here, and carry .whl), installed into /tmp/site.
@@ -27,10 +28,11 @@ mkdir -p "$out"
   $PY -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } 2>&1 | tee "$out/gpu-tests.txt"
 if [ "${1:-bench}" = rows ]; then
+  table="$out/$(date -u +%Y-%m-%d)-cuda-experiment-rows.md"
   timeout "${ROWS_TIMEOUT:-560}" $PY -m benchmarks.experiment_rows --only "${ROWS_ONLY:-resnet12}" \
-    --budget "${ROWS_BUDGET:-480}" --out "$out/$(date -u +%Y-%m-%d)-cuda-experiment-rows.md" trainer.threads=8 \
-    2>"$out/rows-log.txt" | tail -n 60
-  rows=${PIPESTATUS[0]}
+    --budget "${ROWS_BUDGET:-480}" --out "$table" trainer.threads=8 >/dev/null 2>"$out/rows-log.txt"
+  rows=$?
+  cat "$table" 2>/dev/null || tail -n 30 "$out/rows-log.txt"  # the table as far as it got, even after a timeout
   echo "experiment rows exit $rows (124: stopped at its time limit; the rows done are in the table)"
   exit "$rows"
 fi

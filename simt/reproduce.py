@@ -68,13 +68,19 @@ def shared_overrides(preset: dict, entry: dict, data_dir: str | None, extra: lis
 # -- planning ---------------------------------------------------------------------------------------
 
 def compose_runs(grid: list[list[str]], shared: list[str]) -> list[dict]:
-    """The resolved config of every run, composed as run.py would (no training)."""
+    """The resolved config of every run, composed and checked as run.py would (no training)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from simt.pipeline import check_config
+
+    def checked(overrides: list[str]):
+        cfg = compose("config", overrides=overrides)
+        check_config(cfg)  # before resolving: a bad value gets its one-line error, not a resolver's traceback
+        return cfg
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return [OmegaConf.to_container(compose("config", overrides=[*shared, *cell]), resolve=True)
-                for cell in grid]
+        return [OmegaConf.to_container(checked([*shared, *cell]), resolve=True) for cell in grid]
 
 
 def finished_hashes(runs_dir: Path) -> set[str]:
@@ -171,7 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     axes, shared = grid_axes(preset, entry), shared_overrides(preset, entry, args.data_dir, args.overrides)
     grid = cells(axes)
-    configs = compose_runs(grid, shared)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from simt.pipeline import ConfigError
+    try:
+        configs = compose_runs(grid, shared)
+    except (HydraException, OmegaConfBaseException, ConfigError) as error:  # a bad override or value
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     from simt.pipeline import config_hash
     done = finished_hashes(runs_dir)
     pending = [(cell, cfg) for cell, cfg in zip(grid, configs) if config_hash(cfg) not in done]

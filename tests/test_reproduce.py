@@ -38,6 +38,16 @@ def test_bad_preset_or_data_set_is_one_line():
     assert bad.returncode == 2 and "DATASET='imagenet'" in bad.stderr and "miniimagenet" in bad.stderr
 
 
+@pytest.mark.parametrize("override,message", [
+    ("trainer.eval_tasks=abc", "error: trainer.eval_tasks='abc': expected an integer >= 2"),  # val_tasks follows it
+    ("trainer.nosuch=1", "error: Could not override 'trainer.nosuch'."),
+])
+def test_bad_override_is_one_line_before_anything_runs(override, message, capsys):
+    assert reproduce.main(["--plan-only", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
 def test_tiny_grid_writes_every_output_then_skips_finished_runs(tmp_path):
     first = reproduce_cli("--preset", "smoke", "--out", str(tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
