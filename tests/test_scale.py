@@ -259,13 +259,13 @@ def _meta_gradient(exp, tasks, precision: str, round_weights: bool = False) -> t
     return torch.cat([g.flatten() for g in grads if g is not None])
 
 
-@pytest.mark.parametrize("algo", ["maml", "protonet"])
-def test_bf16_meta_gradient_errs_about_as_much_as_rounding_images_and_weights_to_bf16(algo):
+@pytest.mark.parametrize("algo,factor", [("maml", 2), ("protonet", 3)])
+def test_bf16_meta_gradient_errs_about_as_much_as_rounding_images_and_weights_to_bf16(algo, factor):
     """One meta-batch's meta-gradient is sensitive to its inputs (transductive BatchNorm over a few support
     images): rounding the images and the weights to bf16, all arithmetic in float32, moves it by 8-32%
     here. bf16 autocast, which also rounds every activation, must not be much worse, and must point the
-    same way. CPU, 2026-11-26, relative error bf16 vs that floor: second-order MAML 0.37 vs 0.32, ProtoNet
-    0.18 vs 0.08."""
+    same way. CPU, 2026-11-26, relative error bf16 vs that floor: second-order MAML 0.37 vs 0.32 (losing the
+    second-order term under bf16 gave 0.97: the factor 2 catches it), ProtoNet 0.18 vs 0.08."""
     exp = pipeline.build(make_cfg(*fast(f"algo={algo}")))
     sampler = exp.dataset.split("train").sampler(5, 1, 5, seed=0)
     tasks = [sampler.sample() for _ in range(2)]
@@ -275,7 +275,7 @@ def test_bf16_meta_gradient_errs_about_as_much_as_rounding_images_and_weights_to
     error = lambda g: ((g - fp32).norm() / fp32.norm()).item()  # noqa: E731
     bf16 = _meta_gradient(exp, tasks, "bf16")
     floor = error(_meta_gradient(exp, rounded, "fp32", round_weights=True))
-    assert 0 < error(bf16) <= 3 * floor, (error(bf16), floor)
+    assert 0 < error(bf16) <= factor * floor, (error(bf16), floor)
     assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=0) > 0.9
 
 
