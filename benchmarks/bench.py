@@ -48,7 +48,8 @@ from simt.trainer import meta_batch_backward
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENGINES = ("official", "loop", "batched", "higher")  # official first: every ratio refers to it
-CUDA_ENGINES = (*ENGINES, "batched bf16")  # + trainer.precision=bf16 (autocast: CUDA's tensor cores)
+CUDA_ENGINES = (*ENGINES, "batched bf16",  # + trainer.precision=bf16 (autocast: CUDA's tensor cores)
+                "batched halves")  # + trainer.tasks_per_backward=meta-batch/2: about half the graph's memory
 # + the loop with glibc's default malloc settings (trainer.keep_freed_memory=false), as the official-style rows
 # run: their ratio is the code's alone, without the allocator setting that run.py applies on a CPU. It is
 # timed right after the official row, so that the round-robin switches the allocator settings only twice.
@@ -139,7 +140,8 @@ def build(cfg: DictConfig, engine: str):
     return pipeline.build(OmegaConf.merge(cfg, {"algo": {"engine": engine}}))
 
 
-def engine_step(exp, cfg, setting: Setting, precision: str = "fp32") -> Callable[[], None]:
+def engine_step(exp, cfg, setting: Setting, precision: str = "fp32",
+                tasks_per_backward: int | None = None) -> Callable[[], None]:
     """One training step as simt.trainer.Trainer.fit runs it (without its logging and finiteness checks).
     The data set is where pipeline.build put it: on a GPU, on the device (trainer.data_on_device=auto)."""
     learner, target, device = exp.learner, exp.target, exp.device
@@ -149,7 +151,7 @@ def engine_step(exp, cfg, setting: Setting, precision: str = "fp32") -> Callable
     def step():
         tasks = [sampler.sample().to(device) for _ in range(setting.meta_batch)]
         optimizer.zero_grad(set_to_none=True)
-        meta_batch_backward(learner, target, tasks, precision=precision)
+        meta_batch_backward(learner, target, tasks, precision=precision, tasks_per_backward=tasks_per_backward)
         optimizer.step()
         if target is not None:
             target.update(learner.meta_parameters())
@@ -322,7 +324,8 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
                         png = PngImages(split.images, split.offsets)
                     step = official_step(exp, cfg, setting, algo, png)
                 else:
-                    step = engine_step(exp, cfg, setting, "bf16" if variant == "bf16" else "fp32")
+                    step = engine_step(exp, cfg, setting, "bf16" if variant == "bf16" else "fp32",
+                                       setting.meta_batch // 2 if variant == "halves" else None)
                 # The official code runs with the C library's allocator settings; ours with trainer.keep_freed_memory
                 # (auto: on for a CPU, as pipeline.build set it). On CUDA both are no-ops.
                 steps[engine] = _with_glibc_defaults(step) if engine == "official" or variant == "glibc" else step
@@ -489,8 +492,9 @@ computation). `ops/step`: tensor ops dispatched by one step of that engine (a To
 views included): where a step runs far below the matmul peak, its time follows this count, not its FLOPs.
 All rows use 5-way episodes (the official ProtoNet trains on 20-way ones). ProtoNet has no
 inner loop: its `higher` row runs the loop's code. The ResNet-12 rows are the MAML-family network.
-On CUDA the images are held on the GPU (trainer.data_on_device=auto) for our engines, and `batched bf16`
-is the batched engine under trainer.precision=bf16."""
+On CUDA the images are held on the GPU (trainer.data_on_device=auto) for our engines, `batched bf16`
+is the batched engine under trainer.precision=bf16, and `batched halves` the batched engine with
+trainer.tasks_per_backward = half the meta-batch (two graphs of 2 tasks per step instead of one of 4)."""
 
 
 def _row(rows: list[dict], **match) -> dict | None:
@@ -520,6 +524,11 @@ def targets(device: torch.device, steps: list[dict], evals: list[dict], sampling
         check("batched vs loop speed, Conv4 5w1s MAML+SiMT", loop["ms/step"] / batched["ms/step"] if both else None, 3.0)
         check("batched / loop peak memory, same row", batched["peak MB"] / loop["peak MB"] if both else None, 2.0,
               higher=False)
+        halves = _row(steps, engine="batched halves", **key)  # trainer.tasks_per_backward=2: the memory trade
+        check("batched halves / loop peak memory, same row",
+              halves["peak MB"] / loop["peak MB"] if halves and loop else None, 2.0, higher=False)
+        check("batched halves vs loop speed, same row",
+              loop["ms/step"] / halves["ms/step"] if halves and loop else None, None)
         one = f"one at a time s/{EVAL_TASKS}"
         ratios = [row[one] / row[f"batched s/{EVAL_TASKS}"] for row in evals]
         check(f"batched vs one-at-a-time evaluation, slowest row", min(ratios) if ratios else None, 5.0)

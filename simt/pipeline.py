@@ -92,6 +92,7 @@ RULES = {
     "trainer.progress": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "trainer.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "trainer.eval_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or an integer >= 1"),
+    "trainer.tasks_per_backward": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "trainer.data_on_device": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "trainer.keep_freed_memory": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
 }
@@ -418,7 +419,8 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
                       steps=cfg.trainer.steps, meta_batch_size=cfg.task.meta_batch_size,
                       eval_every=cfg.trainer.eval_every, checkpoint_every=cfg.trainer.checkpoint_every,
                       device=exp.device, metric=exp.dataset.metric, writer=writer, progress=_progress(cfg), config=resolved,
-                      on_validation=trial_reporter(), precision=cfg.trainer.precision)
+                      on_validation=trial_reporter(), precision=cfg.trainer.precision,
+                      tasks_per_backward=cfg.trainer.get("tasks_per_backward"))
     if payload:
         trainer.resume(payload)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
@@ -450,13 +452,13 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
 # Keys a resumed run may change: how long to train and how to run it, not what is trained.
 RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "trainer.threads", "trainer.progress", "algo.engine",
                      "trainer.checkpoint_every", "trainer.eval_tasks", "trainer.data_on_device", "trainer.eval_batch",
-                     "trainer.keep_freed_memory", "mode", "checkpoint"}
+                     "trainer.keep_freed_memory", "trainer.tasks_per_backward", "mode", "checkpoint"}
 
 
 # Keys that change how a run is carried out but not what it computes: left out of the config hash.
 MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.checkpoint_every", "algo.engine",
-             "trainer.data_on_device", "trainer.eval_batch", "trainer.keep_freed_memory", "mode", "checkpoint",
-             "data_dir"}
+             "trainer.data_on_device", "trainer.eval_batch", "trainer.keep_freed_memory", "trainer.tasks_per_backward",
+             "mode", "checkpoint", "data_dir"}
 
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they

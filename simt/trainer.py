@@ -36,7 +36,8 @@ def meta_batch_loss(learner, target: MomentumTarget | None, tasks,
 
 
 def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: Metric = ACCURACY,
-                        scale: float = 1.0, precision: str = "fp32") -> tuple[float, dict[str, float]]:
+                        scale: float = 1.0, precision: str = "fp32",
+                        tasks_per_backward: int | None = None) -> tuple[float, dict[str, float]]:
     """Accumulate the gradient of scale · meta_batch_loss into the meta-parameters' `.grad`; return the loss
     (unscaled) and the statistics as plain numbers. Forward passes run under `autocast(precision)`,
     backward passes outside it.
@@ -44,9 +45,12 @@ def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: M
     The per-task engines backpropagate each task's loss as soon as it exists, as the official code does:
     one task's second-order graph (the activations of all its inner steps) is freed before the next task
     runs, so the peak memory is one task's graph, not the meta-batch's; on a CPU that is faster too
-    (benchmarks/README.md). The batched engine builds one graph for all tasks and backpropagates it once.
+    (benchmarks/README.md). The batched engine builds one graph for all tasks and backpropagates it once,
+    or, with `tasks_per_backward` N (trainer.tasks_per_backward), one per N tasks: about N tasks' graph in
+    memory instead of the whole meta-batch's, for more (smaller) kernel launches.
     """
-    groups = [tasks] if learner.engine == "batched" else [[task] for task in tasks]
+    size = (tasks_per_backward or len(tasks)) if learner.engine == "batched" else 1
+    groups = [tasks[start:start + size] for start in range(0, len(tasks), size)]
     losses, stats = [], _StatsMean(len(tasks))
     for group in groups:
         with autocast(group[0].query_x.device, precision):
@@ -133,8 +137,9 @@ class Trainer:
                  steps: int, meta_batch_size: int, eval_every: int, checkpoint_every: int,
                  device: torch.device, metric: Metric = ACCURACY, writer=None, progress: bool = False,
                  config: dict | None = None, on_validation: Callable[[int, float], None] | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", tasks_per_backward: int | None = None):
         self.learner, self.target, self.optimizer, self.sampler = learner, target, optimizer, sampler
+        self.tasks_per_backward = tasks_per_backward  # the batched engine's graph size (meta_batch_backward)
         self.on_validation = on_validation  # e.g. an Optuna trial's report; it may raise to stop the run
         self.score_validation, self.run_dir = score_validation, Path(run_dir)
         self.writer, self.progress = writer, progress
@@ -182,7 +187,7 @@ class Trainer:
         share = len(own) / self.meta_batch_size  # this rank's part of the mean over the meta-batch
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = meta_batch_backward(self.learner, self.target, own, self.metric, scale=share,
-                                          precision=self.precision)
+                                          precision=self.precision, tasks_per_backward=self.tasks_per_backward)
         totals = distributed.all_reduce_sum(torch.tensor(
             [loss * share, *(value * share for value in stats.values()), float(bool(self._stop_signal))],
             dtype=torch.float64))

@@ -141,7 +141,8 @@ def test_png_episodes_decode_the_samplers_pixels(channels):
 def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
     key = {"setting": "conv4 28x28x1 5w1s", "algo": "maml", "SiMT": "yes"}
     steps = [{**key, "engine": "loop", "ms/step": 90.0, "peak MB": 100.0, "vs official": 1.2},
-             {**key, "engine": "batched", "ms/step": 20.0, "peak MB": 250.0, "vs official": 5.4}]
+             {**key, "engine": "batched", "ms/step": 20.0, "peak MB": 250.0, "vs official": 5.4},
+             {**key, "engine": "batched halves", "ms/step": 36.0, "peak MB": 150.0, "vs official": 3.0}]
     evals = [{f"one at a time s/{bench.EVAL_TASKS}": 60.0, f"batched s/{bench.EVAL_TASKS}": 10.0}]
     sampling = [{"ratio": 40.0}, {"ratio": 9.0}]
     found = {row["target"]: row for row in bench.targets(torch.device("cuda"), steps, evals, sampling)}
@@ -149,6 +150,8 @@ def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
     assert speed["measured"] == "4.5" and speed["met"] == "yes"
     memory = found["batched / loop peak memory, same row"]
     assert memory["measured"] == "2.5" and memory["met"] == "NO"
+    assert found["batched halves / loop peak memory, same row"]["met"] == "yes"  # 1.5x
+    assert found["batched halves vs loop speed, same row"]["measured"] == "2.5"
     assert found["batched vs one-at-a-time evaluation, slowest row"]["measured"] == "6"
     assert found["TaskSampler vs per-image PNG decode, slowest row"]["met"] == "NO"  # 9x < 10x
     cpu = bench.targets(torch.device("cpu"), steps, evals, sampling)

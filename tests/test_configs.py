@@ -89,6 +89,7 @@ def test_a_bad_test_episode_count_is_reported_before_the_validation_count_comput
     ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images in the smallest class or object of dataset synthetic)"),
     ("trainer.steps=0", "trainer.steps=0: expected an integer >= 1"),
     ("trainer.device=tpu", "trainer.device='tpu': expected auto, cpu, cuda or cuda:N"),
+    ("trainer.tasks_per_backward=0", "trainer.tasks_per_backward=0: expected null or an integer >= 1"),
 ])
 def test_invalid_values_give_one_line_errors(override, message):
     with pytest.raises(pipeline.ConfigError) as error:

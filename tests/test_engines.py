@@ -77,12 +77,14 @@ def _target(learner) -> MomentumTarget:
 
 
 @functools.lru_cache(maxsize=None)
-def _meta_step(algo: str, backbone: str, engine: str, simt: bool, shuffle_labels: bool = False):
+def _meta_step(algo: str, backbone: str, engine: str, simt: bool, shuffle_labels: bool = False, count: int = 2,
+               tasks_per_backward: int | None = None):
     """One meta-batch as the trainer runs it (meta_batch_backward): flattened meta-gradient, logged
     statistics, BN buffers (student's and target's)."""
     learner = _learner(algo, backbone, engine)
     target = _target(learner) if simt else None
-    _, stats = meta_batch_backward(learner, target, _tasks(shuffle_labels=shuffle_labels))
+    _, stats = meta_batch_backward(learner, target, _tasks(count=count, shuffle_labels=shuffle_labels),
+                                   tasks_per_backward=tasks_per_backward)
     flat = _flat_grads(learner)
     model_buffers = dict(learner.model.named_buffers())  # ProtoNet's running statistics; none in the MAML family
     buffers = {f"student.{k}": v.clone() for k, v in model_buffers.items()}
@@ -162,6 +164,19 @@ def test_evaluation_outputs_agree_across_engines(algo):
         torch.testing.assert_close(outputs[engine], outputs["loop"], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+@pytest.mark.parametrize("tasks_per_backward", [2, 3])
+def test_batched_engine_in_groups_of_tasks_gives_the_loops_meta_gradient(tasks_per_backward, algo):
+    """trainer.tasks_per_backward: 5 tasks as 2+2+1 or 3+2 stacked groups, each backpropagated on its own
+    (less memory than one graph of 5), give the loop's gradient, statistics and BN running statistics."""
+    reference, reference_stats, reference_buffers = _meta_step(algo, "conv4", "loop", True, count=5)
+    grads, stats, buffers = _meta_step(algo, "conv4", "batched", True, count=5, tasks_per_backward=tasks_per_backward)
+    assert _relative_error(grads, reference) <= 1e-6
+    assert stats == pytest.approx(reference_stats, rel=1e-9, abs=1e-12)
+    for name, value in reference_buffers.items():
+        torch.testing.assert_close(buffers[name], value, rtol=1e-9, atol=1e-12)
+
+
 def test_batched_engine_with_labels_that_differ_between_tasks():
     reference, _, _ = _meta_step("maml", "conv4", "loop", True, shuffle_labels=True)
     grads, _, _ = _meta_step("maml", "conv4", "batched", True, shuffle_labels=True)
@@ -176,6 +191,17 @@ def test_batched_engine_runs_the_meta_batch_as_one_stacked_task(engine, calls, m
     monkeypatch.setattr(learner, "student_outputs", lambda *args: seen.append(1) or original(*args))
     meta_batch_loss(learner, None, _tasks(count=2))
     assert len(seen) == calls
+
+
+@pytest.mark.parametrize("engine,tasks_per_backward,calls", [("batched", None, 1), ("batched", 2, 3),
+                                                              ("batched", 9, 1), ("loop", 2, 5)])
+def test_tasks_per_backward_sets_the_batched_engines_groups(engine, tasks_per_backward, calls, monkeypatch):
+    learner = _learner("maml", "conv4", engine)
+    seen = []
+    original = learner.student_outputs
+    monkeypatch.setattr(learner, "student_outputs", lambda *args: seen.append(1) or original(*args))
+    meta_batch_backward(learner, None, _tasks(count=5), tasks_per_backward=tasks_per_backward)
+    assert len(seen) == calls  # the per-task engines stay per task
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))

@@ -153,6 +153,14 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     assert 0 < checkpoint.load(tmp_path / "last.pt")["step"] < 100000
 
 
+def test_tasks_per_backward_reaches_every_training_step(tmp_path, monkeypatch):
+    real, seen = trainer.meta_batch_backward, []
+    monkeypatch.setattr(trainer, "meta_batch_backward",
+                        lambda *args, **kwargs: seen.append(kwargs["tasks_per_backward"]) or real(*args, **kwargs))
+    pipeline.run(make_cfg(*fast("algo.engine=batched", "trainer.tasks_per_backward=1")), tmp_path)
+    assert seen == [1] * make_cfg(*fast()).trainer.steps
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real, calls = trainer.meta_batch_backward, []
 
