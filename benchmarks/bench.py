@@ -325,7 +325,7 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
                     step = official_step(exp, cfg, setting, algo, png)
                 else:
                     step = engine_step(exp, cfg, setting, "bf16" if variant == "bf16" else "fp32",
-                                       setting.meta_batch // 2 if variant == "halves" else None)
+                                       max(1, setting.meta_batch // 2) if variant == "halves" else None)
                 # The official code runs with the C library's allocator settings; ours with trainer.keep_freed_memory
                 # (auto: on for a CPU, as pipeline.build set it). On CUDA both are no-ops.
                 steps[engine] = _with_glibc_defaults(step) if engine == "official" or variant == "glibc" else step

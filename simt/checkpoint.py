@@ -2,6 +2,7 @@
 lock that keeps two processes from training in one run directory."""
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 
 LAST = "last.pt"  # everything needed to resume, rewritten every trainer.checkpoint_every steps
 BEST = "best.pt"  # the weights chosen by validation, used for the final test
+log = logging.getLogger(__name__)
+
 LOCK = "run.lock"  # held (flock) by the process training in the directory; the kernel frees it when it dies
 
 
@@ -63,17 +66,19 @@ def hold_run_dir(run_dir: Path):
     with open(run_dir / LOCK, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             raise CheckpointError(f"run directory {run_dir} is in use by another process (pid "
                                   f"{handle.read().strip() or '?'}): wait for it to end, or use another "
                                   f"directory") from None
-        except OSError:  # a file system without locks (some network mounts): train unguarded, as before
-            yield
-            return
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
+        except OSError as error:  # a file system without locks (some network mounts): train unguarded
+            locked = False
+            log.warning("run directory %s cannot be locked (%s): nothing keeps a second process out", run_dir, error)
+        if locked:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
         yield
 
 
@@ -83,8 +88,8 @@ def run_dir_in_use(run_dir: Path) -> bool:
     if not path.is_file():
         return False
     with open(path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: needs only read access (NFS's emulated flock refuses an exclusive one on a read-only file)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         except OSError:  # no locks on this file system: nobody can be seen holding one

@@ -379,13 +379,22 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         return evaluate_saved(cfg, run_dir) if distributed.is_main() else float("nan")
     started, run_dir = time.time(), Path(distributed.broadcast_object(str(run_dir)))  # torchrun: rank 0's
     main = distributed.is_main()
-    with checkpoint.hold_run_dir(run_dir) if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
+        refused = None
+        if main:
+            try:
+                lock.enter_context(checkpoint.hold_run_dir(run_dir))
+            except CheckpointError as error:
+                refused = str(error)
+        refused = distributed.broadcast_object(refused)  # torchrun: every rank stops, not only rank 0
+        if refused:
+            raise CheckpointError(refused)
         return _train_and_test(cfg, run_dir, started, main)
 
 
 def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) -> float:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    finished = _finished_results(run_dir, resolved) if cfg.trainer.resume else None
+    finished = _finished_results(run_dir, cfg, resolved) if cfg.trainer.resume else None
     if finished:
         log.info("%s already finished with this config (hash %s): nothing to do", run_dir, finished["config_hash"])
         return float(finished["objective"])
@@ -481,12 +490,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _finished_results(run_dir: Path, resolved: dict) -> dict | None:
-    """The run's results.json if it was written by a run of this very config (trainer.resume=true re-runs)."""
+def _finished_results(run_dir: Path, cfg: DictConfig, resolved: dict) -> dict | None:
+    """The run's results.json if it was written by a run of this very config (trainer.resume=true re-runs),
+    its validation episodes as a resume would have kept them (_validation_as_saved)."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    _, resolved = _validation_as_saved(cfg, results.get("config") or {}, resolved)
     return results if results.get("config_hash") == config_hash(resolved) else None
 
 

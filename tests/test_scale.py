@@ -172,6 +172,15 @@ def test_torchrun_resumes_from_rank0s_checkpoint(tmp_path):
     assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == 6
 
 
+@pytest.mark.slow
+def test_torchrun_in_a_run_directory_in_use_stops_every_rank_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    with checkpoint.hold_run_dir(run_dir):  # as another live process would
+        done = _torchrun(*TORCHRUN_ARGS, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # (a hang would time out)
+    assert done.returncode != 0 and "is in use by another process" in done.stderr
+    assert not (run_dir / checkpoint.LAST).exists()
+
+
 def test_torchrun_refuses_sweeps_and_meta_batches_smaller_than_the_world(tmp_path):
     sweep = _torchrun("-m", "algo=maml,anil", cwd=tmp_path)
     assert sweep.returncode != 0 and "error: torchrun runs one configuration" in sweep.stderr

@@ -205,6 +205,28 @@ def test_a_retry_resumes_in_place_only_where_that_can_work(tmp_path):
             pipeline.run(make_cfg(*fast()), Path(trial.user_attrs[RUN_DIR]))
 
 
+def test_the_retry_check_resolves_the_config_in_the_jobs_environment(tmp_path, monkeypatch):
+    """data_dir defaults to $SIMT_DATA; a sweep may set it per job (hydra.job.env_set): the check must see
+    the job's value, not the sweep process's, or a resumable run would be restarted."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from simt.sweeping.sweep import _resume_problem
+    data = tmp_path / "data"
+    monkeypatch.setenv("SIMT_DATA", str(data))
+    pipeline.run(make_cfg(*fast("simt.eta=0.95")), tmp_path / "run")
+    monkeypatch.delenv("SIMT_DATA")
+
+    def with_hydra(overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("config", [*overrides, f"+hydra.job.env_set.SIMT_DATA={data}"], return_hydra_config=True)
+
+    trial, space = SimpleNamespace(params={"simt.eta": 0.95}), parse_space({}, fast())
+    assert _resume_problem(trial, space, with_hydra, tmp_path / "run") is None
+    assert "data_dir" in _resume_problem(trial, space, lambda o: make_cfg(*o), tmp_path / "run")
+
+
 def test_a_retried_grid_cell_counts_as_that_cell(tmp_path):
     study, url = _sqlite_study(tmp_path)
     space = parse_space({}, ["a=choice(1,2)"])

@@ -1,5 +1,6 @@
 """End to end: short runs, results.json, checkpoints, exact resume, preemption, failures, mode=eval."""
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -140,6 +141,12 @@ def test_resume_keeps_validating_on_the_checkpoints_number_of_episodes(tmp_path,
     pipeline.run(make_cfg(*fast("trainer.steps=4", "trainer.val_tasks=3", "trainer.resume=true")), tmp_path)
     assert _results(tmp_path)["config"]["trainer"]["val_tasks"] == 4 and _results(tmp_path)["steps"] == 4
     assert "trainer.val_tasks=3: the run being resumed validates on 4 episodes" in caplog.text
+    written = (tmp_path / "results.json").stat().st_mtime_ns
+    caplog.clear()  # the same command again: the finished run is recognised, its validation count kept
+    caplog.set_level(logging.INFO, logger=pipeline.log.name)
+    pipeline.run(make_cfg(*fast("trainer.steps=4", "trainer.val_tasks=3", "trainer.resume=true")), tmp_path)
+    assert "already finished with this config" in caplog.text
+    assert (tmp_path / "results.json").stat().st_mtime_ns == written
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):

@@ -19,7 +19,7 @@ import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobStatus, env_override
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict, read_write
 
@@ -252,7 +252,10 @@ def place_retry(trial: optuna.Trial, space: Space, compose, sweep_dir: Path) -> 
     """Let a retry continue the interrupted trial's run in its directory when that can work; else run the
     same parameters from the start in a directory of its own (see study.py on retries)."""
     previous = Path(trial.user_attrs[RUN_DIR])
-    problem = _resume_problem(trial, space, compose, previous)
+    try:
+        problem = _resume_problem(trial, space, compose, previous)
+    except Exception as error:  # noqa: BLE001 - whatever it is, a fresh start is safe; the sweep goes on
+        problem = f"checking it failed: {type(error).__name__}: {first_lines(error)}"
     if problem is None:
         trial.set_user_attr(RESUME, True)
         log.info("trial %d resumes interrupted trial %d in %s", trial.number, trial.user_attrs[RETRY_OF], previous)
@@ -266,14 +269,17 @@ def place_retry(trial: optuna.Trial, space: Space, compose, sweep_dir: Path) -> 
 def _resume_problem(trial: optuna.Trial, space: Space, compose, run_dir: Path) -> str | None:
     from simt import pipeline
     if not run_dir.is_dir():
-        return f"{run_dir} is not on this machine"
+        return f"{run_dir} does not exist on this machine"
     if "${" in str(run_dir) or "\\" in str(run_dir):
         return f"{run_dir}: a path a Hydra override cannot carry"
     cfg = compose([*space.fixed, *(as_override(k, v) for k, v in trial.params.items()), "trainer.resume=true"])
+    env = {}
     if "hydra" in cfg:
+        env = OmegaConf.to_container(cfg.hydra.job.env_set, resolve=True) if "job" in cfg.hydra else {}
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]  # the job's config, as Hydra hands it to run.py
-    return pipeline.resume_problem(cfg, run_dir)
+    with env_override({k: str(v) for k, v in env.items()}):  # the job resolves its config in its environment
+        return pipeline.resume_problem(cfg, run_dir)
 
 
 def trial_overrides(trial: optuna.Trial, space: Space, url: str) -> list[str]:
