@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-LAST = "last.pt"  # everything needed to resume, rewritten every trainer.checkpoint_every steps
-BEST = "best.pt"  # the weights chosen by validation, used for the final test
 log = logging.getLogger(__name__)
 
+LAST = "last.pt"  # everything needed to resume, rewritten every trainer.checkpoint_every steps
+BEST = "best.pt"  # the weights chosen by validation, used for the final test
 LOCK = "run.lock"  # held (flock) by the process training in the directory; the kernel frees it when it dies
 
 

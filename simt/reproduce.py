@@ -180,13 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simt.pipeline import ConfigError
+    from simt.pipeline import ConfigError, config_hash
     try:
         configs = compose_runs(grid, shared)
     except (HydraException, OmegaConfBaseException, ConfigError) as error:  # a bad override or value
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    from simt.pipeline import config_hash
     done = finished_hashes(runs_dir)
     pending = [(cell, cfg) for cell, cfg in zip(grid, configs) if config_hash(cfg) not in done]
     jobs = int(preset.get("jobs", 1))
