@@ -38,7 +38,7 @@ reproduce-table: $(STAMP)  ## baseline vs SiMT table (PRESET=cpu|paper|smoke, DA
 bench: $(STAMP)  ## time a meta-step per engine vs an official-style loop (benchmarks/README.md); ARGS="--quick", "--device cuda", ...
 	$(PY) -m benchmarks.bench $(ARGS)
 
-bench-gpu:  ## the GPU checks in one go (< 10 min on an H100): gpu tests + benchmark on CUDA (benchmarks/gpu.sh)
+bench-gpu:  ## the GPU checks in one go (10 min on an H100; BENCH_ONLY=resnet12 for that setting): gpu tests + CUDA benchmark
 	bash benchmarks/gpu.sh
 
 rows-gpu:  ## on a GPU (< 10 min): the ResNet-12 experiment rows' acceptance command (benchmarks/gpu.sh rows)

@@ -348,10 +348,11 @@ def step_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
     return rows
 
 
-def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
+def eval_rows(setting: Setting, device: torch.device, args, peak_flops: float) -> list[dict]:
     """Test-time evaluation of one model (student) on `count` tasks, scaled to EVAL_TASKS; ours (in-memory
     episodes, simt.evaluator.evaluate) one episode at a time and in chunks of `setting.eval_batch` episodes
-    (vmap), against the official-style loop (PNG episodes, per-task adaptation)."""
+    (vmap), against the official-style loop (PNG episodes, per-task adaptation). The FLOPs of one episode
+    (counted once) give the batched evaluation's fraction of the matmul peak: what bounds its speed-up."""
     count = args.eval_tasks or (3 if args.quick else EVAL_TASKS if device.type == "cuda"
                                 else 10 if setting.backbone == "resnet12" else 100)
     rows = []
@@ -378,6 +379,7 @@ def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
                     accuracy(official.eval_logits(task), task.query_y)
 
         ours(1), ours(batch, batch), theirs(1)  # warm-up (the batched one at the timed batch size)
+        flops = count_flops(lambda: ours(1))
         seconds = {"one": timed(lambda: ours(count), device), "batched": timed(lambda: ours(count, batch), device),
                    "official": timed(lambda: theirs(count), device)}
         scale = EVAL_TASKS / count
@@ -386,7 +388,10 @@ def eval_rows(setting: Setting, device: torch.device, args) -> list[dict]:
                      f"batched s/{EVAL_TASKS}": seconds["batched"] * scale,
                      f"official s/{EVAL_TASKS}": seconds["official"] * scale,
                      "one at a time vs official": seconds["official"] / seconds["one"],
-                     "batched vs official": seconds["official"] / seconds["batched"]})
+                     "batched vs official": seconds["official"] / seconds["batched"],
+                     "batched vs one at a time": seconds["one"] / seconds["batched"],
+                     "GFLOP/task": flops / 1e9,
+                     "batched % matmul peak": 100 * flops * count / seconds["batched"] / peak_flops})
         del exp, official
         _free(device)
     return rows
@@ -551,11 +556,13 @@ def report(args, device, peak_flops, matmul_n, cpu_cores, steps, evals, sampling
         header(args, device, peak_flops, matmul_n, cpu_cores),
         "## Meta-training step", markdown_table(steps, "vs official"), STEP_NOTES + resnet_note(device, args.quick),
         f"## Test-time evaluation, seconds per {EVAL_TASKS} tasks",
-        markdown_table(evals, "one at a time vs official", "batched vs official"),
+        markdown_table(evals, "one at a time vs official", "batched vs official", "batched vs one at a time"),
         f"One model (the student; SiMT runs also score the target: twice the time). `tasks timed` tasks were run "
         f"and the time scaled to {EVAL_TASKS}. MAML: first-order adaptation, then the query pass. `one at a time`: "
         f"simt.evaluator.evaluate episode by episode; `batched`: evaluate(batch_size=`batch`), that many episodes "
-        f"adapted and scored at once under vmap (same scores); official: the official-style per-task loop.",
+        f"adapted and scored at once under vmap (same scores); official: the official-style per-task loop. "
+        f"`GFLOP/task`: one episode's convolutions and matrix products (FlopCounterMode); `batched % matmul peak`: "
+        f"the batched evaluation's FLOP/s against the matmul peak above (float32; cuDNN may use TF32).",
         "## Task sampling (CPU)", markdown_table(sampling, "ratio"),
         "## Targets (ratios measured in this run)", markdown_table(targets(device, steps, evals, sampling)),
         *failed,
@@ -621,7 +628,7 @@ def main(argv=None) -> int:
     for done, setting in enumerate(chosen, 1):
         try:
             steps += step_rows(setting, device, args, peak_flops)
-            evals += eval_rows(setting, device, args)
+            evals += eval_rows(setting, device, args, peak_flops)
         except RuntimeError as error:  # torch.OutOfMemoryError among them: the other settings still run
             traceback.print_exc()
             failures.append(f"- {setting.label}: {type(error).__name__}: {str(error).splitlines()[0]}")

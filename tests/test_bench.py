@@ -65,6 +65,11 @@ def test_quick_benchmark_prints_and_writes_the_tables(tmp_path):
     header, rows = _table(done.stdout, "Test-time evaluation")
     assert len(rows) == sum(len(s.algos) for s in bench.settings(True, torch.device("cpu")))
     assert all(_number(cell) > 0 for row in rows for cell in row[3:])
+    assert header[-3:] == ["batched vs one at a time", "GFLOP/task", "batched % matmul peak"]
+    for row in rows:
+        values = dict(zip(header, row))
+        one, batched = (_number(values[f"{kind} s/{bench.EVAL_TASKS}"]) for kind in ("one at a time", "batched"))
+        assert _number(values["batched vs one at a time"]) == pytest.approx(one / batched, rel=0.05)
 
     header, rows = _table(done.stdout, "Task sampling")
     assert header[-3:] == ["TaskSampler tasks/s", "PNG decode tasks/s", "ratio"] and len(rows) == 2
@@ -177,7 +182,7 @@ def test_a_setting_that_fails_is_reported_and_the_others_still_run(tmp_path, mon
         return []
 
     monkeypatch.setattr(bench, "step_rows", step_rows)
-    monkeypatch.setattr(bench, "eval_rows", lambda setting, device, args: [])
+    monkeypatch.setattr(bench, "eval_rows", lambda setting, device, args, peak_flops: [])
     monkeypatch.setattr(bench, "sampling_rows", lambda args: [])
     monkeypatch.setattr(bench, "matmul_peak_flops", lambda device, quick: (1e9, 8))
     out = tmp_path / "bench.md"
