@@ -435,8 +435,8 @@ def test_folding_is_undone_on_error_and_refuses_what_it_cannot_fold():
 
 
 def test_batched_engine_dispatches_far_fewer_ops_than_the_loop():
-    """What the batched engine is for: a GPU runs this workload at the speed ops are dispatched (an H100:
-    about 7 us per op, 0.4-0.7% of its matmul peak at 28x28). Counted, not timed: every op dispatched in
+    """What the batched engine is for: a GPU runs this workload at the speed ops are dispatched (an H100,
+    2026-11-27: about 25 us per op, 0.7% of its matmul peak at 28x28). Counted, not timed: every op dispatched in
     one Conv4 MAML + SiMT meta-step of 4 tasks (forward, inner and outer backward)."""
     counts = {}
     for engine in ("loop", "batched"):
@@ -445,6 +445,48 @@ def test_batched_engine_dispatches_far_fewer_ops_than_the_loop():
         meta_batch_backward(learner, target, tasks)  # warm-up
         counts[engine] = count_ops(lambda: meta_batch_backward(learner, target, tasks))
     assert counts["loop"] >= 2.5 * counts["batched"], counts
+
+
+def _squared_cross_entropy(outputs, targets):  # not a mean over samples: the batched engine must vmap it
+    return F.cross_entropy(outputs, targets) ** 2
+
+
+@pytest.mark.parametrize("name, one_call", [("cross_entropy", True), ("mse", True), ("azimuth", True),
+                                            ("squared_cross_entropy", False)])
+def test_stacked_task_loss_is_the_sum_of_the_task_losses(name, one_call, monkeypatch):
+    """Losses that average over their samples run once on the stacked samples; any other loss runs under
+    vmap, task by task: either way, the sum over the tasks of the loss of each, and its gradient."""
+    from simt.data.regression import azimuth_loss
+
+    g = torch.Generator().manual_seed(0)
+    classes = lambda: torch.randint(0, 4, (3, 6), generator=g)  # noqa: E731
+    values = lambda: torch.randn(3, 6, 2, generator=g, dtype=torch.float64)  # noqa: E731
+    loss_fn, outputs, targets = {
+        "cross_entropy": (F.cross_entropy, torch.randn(3, 6, 4, generator=g, dtype=torch.float64), classes()),
+        "mse": (F.mse_loss, values(), values()),
+        "azimuth": (azimuth_loss, values(), values()),
+        "squared_cross_entropy": (_squared_cross_entropy, torch.randn(3, 6, 4, generator=g, dtype=torch.float64),
+                                  classes()),
+    }[name]
+    outputs.requires_grad_()
+    vmapped, real_vmap = [], torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: vmapped.append(1) or real_vmap(*a, **k))
+    total = TaskBatch(3, nn.Linear(1, 1)).loss(loss_fn, outputs, targets)
+    assert bool(vmapped) != one_call
+    expected = sum(loss_fn(o, y) for o, y in zip(outputs, targets))
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(total, outputs)[0], torch.autograd.grad(expected, outputs)[0],
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_stacked_support_images_are_folded_once_per_tensor():
+    batch, x = TaskBatch(2, Conv4(1, 16, 3, hidden=4)), torch.rand(2, 5, 1, 16, 16)
+    folded = batch._folded(x)
+    torch.testing.assert_close(folded, fold(x), rtol=0, atol=0)
+    assert batch._folded(x) is folded  # every inner step passes the same support images
+    assert batch._folded(x.clone()) is not folded
+    needs_grad = x.clone().requires_grad_()
+    assert batch._folded(needs_grad) is not batch._folded(needs_grad)  # a graph: never reused
 
 
 def test_exact_batch_norm_swap_is_undone_even_on_error():

@@ -138,3 +138,33 @@ def test_resnet12_meta_batchnorm_is_adapted_and_averaged():
     learner = GradientLearner(ResNet12(1, 16, out_features=3, widths=(2, 2, 2, 2)))
     assert any(".bn1." in key for key in learner.adapt_keys)
     assert set(learner.momentum_keys) == set(learner.meta_parameters())
+
+
+@pytest.mark.parametrize("rates", ["float", "per_key"])
+def test_descend_updates_every_key_in_one_differentiable_op(rates):
+    """θ - α ∘ g for every key with a gradient (none: unchanged), in one multi-tensor op per step (two with
+    MetaSGD's per-key rates), differentiable to second order like the per-key expression."""
+    from benchmarks.bench import count_ops
+    from simt.algorithms.inner_loop import descend
+
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True) for k in "abc"}
+    lrs = 0.1 if rates == "float" else {k: torch.rand(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+                                        for k in "ab"}
+    loss = sum((p ** 3).sum() for p in params.values())
+    grads = dict(zip("ab", torch.autograd.grad(loss, [params["a"], params["b"]], create_graph=True)))
+    grads["frozen"] = None
+    params["frozen"] = torch.ones(2)
+    ops = count_ops(lambda: descend(params, grads, lrs))
+    assert ops == (1 if rates == "float" else 2)
+    updated = descend(params, grads, lrs)
+    assert updated["c"] is params["c"] and updated["frozen"] is params["frozen"]
+    rate = (lambda k: lrs) if rates == "float" else (lambda k: lrs[k])
+    reference = {k: params[k] - rate(k) * grads[k] for k in "ab"}
+    for key in "ab":
+        torch.testing.assert_close(updated[key], reference[key], rtol=0, atol=1e-15)
+    inputs = [params["a"], params["b"], *(lrs.values() if isinstance(lrs, dict) else [])]
+    second = torch.autograd.grad(sum((updated[k] ** 2).sum() for k in "ab"), inputs, retain_graph=True)
+    expected = torch.autograd.grad(sum((reference[k] ** 2).sum() for k in "ab"), inputs)
+    for value, wanted in zip(second, expected):
+        torch.testing.assert_close(value, wanted, rtol=1e-12, atol=1e-12)

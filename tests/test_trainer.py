@@ -183,6 +183,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert checkpoint.load(tmp_path / "best.pt")["step"] == 2
 
 
+def test_non_finite_parameters_stop_before_they_are_checkpointed(tmp_path, monkeypatch):
+    real, steps = torch.optim.Adam.step, []
+
+    def poisoned(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # one element of one parameter: the check must see every element
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[-1] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(trainer.NonFiniteError, match="non-finite parameters after the optimizer step at step 3; "
+                                                     "stopped, last checkpoint kept at step 2"):
+        pipeline.run(make_cfg(*fast("trainer.checkpoint_every=2", "trainer.steps=6")), tmp_path)
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_element_among_many_tensors(bad):
+    tensors = [torch.randn(3, 4), torch.full((5,), 3e38), torch.randn(2)]
+    assert trainer._all_finite(tensors)
+    tensors[1][2] = bad
+    assert not trainer._all_finite(tensors)
+
+
 def test_mode_eval_reproduces_the_test_score(tmp_path):
     pipeline.run(make_cfg(*fast()), tmp_path / "run")
     score = pipeline.run(make_cfg(*fast("mode=eval", f"checkpoint={tmp_path / 'run'}")), tmp_path / "eval")

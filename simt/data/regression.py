@@ -403,6 +403,8 @@ def azimuth_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # The trainer/evaluator can read the objective direction from the metric itself.
 angular_error.higher_is_better = False  # type: ignore[attr-defined]
 mse.higher_is_better = False  # type: ignore[attr-defined]
+# A mean over samples: the batched engine may compute several tasks' losses in one call (simt.algorithms.engines).
+azimuth_loss.mean_over_samples = True  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------
