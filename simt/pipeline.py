@@ -467,7 +467,14 @@ RESUMABLE_CHANGES = {"trainer.steps", "trainer.resume", "trainer.device", "train
 # Keys that change how a run is carried out but not what it computes: left out of the config hash.
 MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.checkpoint_every", "algo.engine",
              "trainer.data_on_device", "trainer.eval_batch", "trainer.keep_freed_memory", "trainer.tasks_per_backward",
-             "mode", "checkpoint", "data_dir"}
+             "mode", "checkpoint"}
+
+
+def is_data_location(key: str) -> bool:
+    """Where the data files are read from (`data_dir`, and the `root` of a data set, made from it): moved data,
+    another machine's SIMT_DATA, the same files. A run resumes and a finished run is recognised wherever
+    its data now lives, so the key is neither checked on resume nor part of the config hash."""
+    return key == "data_dir" or (key.split(".")[0] in ("dataset", "eval_dataset") and key.endswith(".root"))
 
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they
@@ -475,11 +482,19 @@ MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.c
 LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None}
 
 
-def config_hash(resolved: dict) -> str:
-    """A short fingerprint of what a run computes, so a grid re-run can tell finished cells (results.json)."""
+def config_hash(resolved: dict, with_data_location: bool = False) -> str:
+    """A short fingerprint of what a run computes, so a grid re-run can tell finished cells (results.json).
+    `with_data_location`: the fingerprint as versions before 2026-11-27 wrote it (data sets' `root` included)."""
     flat = {key: value for key, value in _flatten(resolved).items()
-            if key not in MECHANICS and not (key in LATER_KEYS and value == LATER_KEYS[key])}
+            if key not in MECHANICS and (with_data_location or not is_data_location(key))
+            and not (key in LATER_KEYS and value == LATER_KEYS[key])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_hashes(resolved: dict) -> set[str]:
+    """The fingerprints a finished run of `resolved` may carry: this version's and the older one (which
+    recognises older runs only where their data still is)."""
+    return {config_hash(resolved), config_hash(resolved, with_data_location=True)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -498,7 +513,7 @@ def _finished_results(run_dir: Path, cfg: DictConfig, resolved: dict) -> dict | 
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     _, resolved = _validation_as_saved(cfg, results.get("config") or {}, resolved)
-    return results if results.get("config_hash") == config_hash(resolved) else None
+    return results if results.get("config_hash") in config_hashes(resolved) else None
 
 
 def _validation_as_saved(cfg: DictConfig, saved: dict, resolved: dict) -> tuple[DictConfig, dict]:
@@ -533,6 +548,9 @@ def resume_problem(cfg: DictConfig, run_dir: Path) -> str | None:
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
     for key, (old, new) in _differences(saved, current).items():
         if key in LATER_KEYS and {old, new} <= {None, LATER_KEYS[key]}:
+            continue
+        if is_data_location(key):
+            log.info("%s=%s (the run being resumed read its data from %s)", key, new, old)
             continue
         if key not in RESUMABLE_CHANGES:
             raise ConfigError(key, new, f"{old!r} as in the checkpoint {path} it would resume "

@@ -180,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simt.pipeline import ConfigError, config_hash
+    from simt.pipeline import ConfigError, config_hashes
     try:
         configs = compose_runs(grid, shared)
     except (HydraException, OmegaConfBaseException, ConfigError) as error:  # a bad override or value
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     done = finished_hashes(runs_dir)
-    pending = [(cell, cfg) for cell, cfg in zip(grid, configs) if config_hash(cfg) not in done]
+    pending = [(cell, cfg) for cell, cfg in zip(grid, configs) if not config_hashes(cfg) & done]
     jobs = int(preset.get("jobs", 1))
     print(f"{args.preset} preset on {dataset}: {len(grid)} runs ({' x '.join(f'{len(v)} {k}' for k, v in axes.items())}),"
           f" {len(grid) - len(pending)} already finished, {len(pending)} to run, {jobs} at a time; results in {out}")

@@ -147,7 +147,9 @@ def test_claims_never_exceed_the_budget_and_retry_interrupted_trials_in_their_ru
     assert [t.number for t in first] == [0, 1]
     assert first[0].params != first[1].params  # re-seeded per trial: no repeated draws
     assert first[1].user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_1")
-    assert [t.number for t in claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "sweep")] == [2]
+    # One spelling for one directory, as Hydra's output_dir (absolute, `..` resolved), whatever the sweep dir's.
+    spelled = claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "sweep" / ".." / "sweep")
+    assert [t.user_attrs[RUN_DIR] for t in spelled] == [str(tmp_path / "sweep" / "trial_2")]
     assert claim_trials(study, url, 3, 2, dists, sampler_for) == []
     _interrupt(study, first[0])
     (retry,) = claim_trials(study, url, 3, 2, dists, sampler_for, tmp_path / "again")
@@ -206,25 +208,25 @@ def test_a_retry_resumes_in_place_only_where_that_can_work(tmp_path):
 
 
 def test_the_retry_check_resolves_the_config_in_the_jobs_environment(tmp_path, monkeypatch):
-    """data_dir defaults to $SIMT_DATA; a sweep may set it per job (hydra.job.env_set): the check must see
-    the job's value, not the sweep process's, or a resumable run would be restarted."""
+    """A config may read the environment (${oc.env:...}), and a sweep may set it per job (hydra.job.env_set):
+    the check must see the job's value, not the sweep process's, or a resumable run would be restarted."""
     from types import SimpleNamespace
 
     from hydra import compose, initialize_config_dir
 
     from simt.sweeping.sweep import _resume_problem
-    data = tmp_path / "data"
-    monkeypatch.setenv("SIMT_DATA", str(data))
-    pipeline.run(make_cfg(*fast("simt.eta=0.95")), tmp_path / "run")
-    monkeypatch.delenv("SIMT_DATA")
+    from_env = "simt.lam='${oc.decode:${oc.env:SIMT_TEST_LAM}}'"
+    monkeypatch.setenv("SIMT_TEST_LAM", "0.3")  # the job's environment
+    pipeline.run(make_cfg(*fast("simt.eta=0.95", from_env)), tmp_path / "run")
+    monkeypatch.setenv("SIMT_TEST_LAM", "0.5")  # the sweep process's
 
     def with_hydra(overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose("config", [*overrides, f"+hydra.job.env_set.SIMT_DATA={data}"], return_hydra_config=True)
+            return compose("config", [*overrides, "+hydra.job.env_set.SIMT_TEST_LAM=0.3"], return_hydra_config=True)
 
-    trial, space = SimpleNamespace(params={"simt.eta": 0.95}), parse_space({}, fast())
+    trial, space = SimpleNamespace(params={"simt.eta": 0.95}), parse_space({}, fast(from_env))
     assert _resume_problem(trial, space, with_hydra, tmp_path / "run") is None
-    assert "data_dir" in _resume_problem(trial, space, lambda o: make_cfg(*o), tmp_path / "run")
+    assert "simt.lam=0.5" in _resume_problem(trial, space, lambda o: make_cfg(*o), tmp_path / "run")
 
 
 def test_a_retried_grid_cell_counts_as_that_cell(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from simt import checkpoint, pipeline, trainer
 from tests.conftest import FAST, ROOT, fast, make_cfg, run_cli
@@ -255,3 +256,27 @@ def test_a_finished_run_is_skipped_only_when_its_config_is_unchanged(tmp_path):
     assert results.stat().st_mtime_ns == written  # mechanics (threads) are not part of the config hash
     pipeline.run(make_cfg(*fast(), "trainer.resume=true", "trainer.steps=6"), tmp_path)  # longer: extends the run
     assert results.stat().st_mtime_ns != written and _results(tmp_path)["steps"] == 6
+
+
+def test_moved_data_resumes_and_finished_runs_are_recognised_wherever_the_data_is(tmp_path):
+    """data_dir and the data sets' roots say where the files are, not what is computed: a resume reads the
+    data from its new place, and a finished run's hash (also as older versions wrote it) still matches."""
+    from tests import fixtures_images
+
+    first = fixtures_images.write_all(tmp_path / "data")
+    args = ("dataset=miniimagenet", "eval_dataset=cub", "trainer.checkpoint_every=1")
+    pipeline.run(make_cfg(*fast(*args, f"data_dir={first}", "trainer.steps=2")), tmp_path / "run")
+    moved = first.rename(tmp_path / "moved")
+    pipeline.run(make_cfg(*fast(*args, f"data_dir={moved}", "trainer.steps=3", "trainer.resume=true")),
+                 tmp_path / "run")
+    results = _results(tmp_path / "run")
+    assert results["steps"] == 3 and results["config"]["dataset"]["root"] == f"{moved}/miniimagenet"
+
+    resolved = OmegaConf.to_container(make_cfg(*fast(*args, "data_dir=/elsewhere", "trainer.steps=3")), resolve=True)
+    assert results["config_hash"] == pipeline.config_hash(resolved)
+    legacy = pipeline.config_hash(results["config"], with_data_location=True)  # as written before 2026-11-27
+    assert legacy != results["config_hash"] and legacy in pipeline.config_hashes(results["config"])
+    assert legacy not in pipeline.config_hashes(resolved)  # the old fingerprint names the old place
+    with pytest.raises(pipeline.ConfigError, match="dataset.name='tieredimagenet': expected 'miniimagenet'"):
+        pipeline.run(make_cfg(*fast("dataset=tieredimagenet", "eval_dataset=cub", f"data_dir={moved}",
+                                    "trainer.steps=4", "trainer.resume=true")), tmp_path / "run")

@@ -176,8 +176,18 @@ def claim_trials(study: optuna.Study, url: str, n_trials: int, count: int, distr
         trial.set_user_attr(OWNER, _owner())
         trial.set_user_attr(HEARTBEAT, time.time())
         if sweep_dir is not None and RUN_DIR not in trial.user_attrs:
-            trial.set_user_attr(RUN_DIR, str(Path(sweep_dir).absolute() / f"trial_{trial.number}"))
+            trial.set_user_attr(RUN_DIR, trial_run_dir(sweep_dir, trial.number))
     return trials
+
+
+def trial_subdir(number: int) -> str:
+    return f"trial_{number}"
+
+
+def trial_run_dir(sweep_dir: str | Path, number: int) -> str:
+    """Where trial `number` runs, spelled as Hydra's output_dir is (absolute, `..` resolved), so that one
+    directory has one spelling in the study and in trials.csv."""
+    return os.path.abspath(os.path.join(sweep_dir, trial_subdir(number)))
 
 
 def to_retry(trials: list[FrozenTrial]) -> list[FrozenTrial]:

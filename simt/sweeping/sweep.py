@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from simt.sweeping import STORAGE_ENV, STUDY_ENV, TRIAL_ID_ENV
 from simt.sweeping.results import write_results
 from simt.sweeping.study import (ERROR, PRUNER_ATTR, RESUME, RETRY_OF, RUN_DIR, Heartbeat, SweepError, claim_trials,
                                  counts_toward_budget, fail_interrupted, fail_own_trials, grid_space, make_pruner,
-                                 make_sampler, open_storage, split_spec, study_lock)
+                                 make_sampler, open_storage, split_spec, study_lock, trial_run_dir, trial_subdir)
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,8 @@ def place_retry(trial: optuna.Trial, space: Space, compose, sweep_dir: Path) -> 
         trial.set_user_attr(RESUME, True)
         log.info("trial %d resumes interrupted trial %d in %s", trial.number, trial.user_attrs[RETRY_OF], previous)
         return
-    fresh = Path(sweep_dir).absolute() / f"trial_{trial.number}"
-    trial.set_user_attr(RUN_DIR, str(fresh))
+    fresh = trial_run_dir(sweep_dir, trial.number)
+    trial.set_user_attr(RUN_DIR, fresh)
     log.warning("trial %d runs interrupted trial %d's parameters from the start in %s: %s", trial.number,
                 trial.user_attrs[RETRY_OF], fresh, problem)
 
@@ -288,7 +289,7 @@ def trial_overrides(trial: optuna.Trial, space: Space, url: str) -> list[str]:
     resumed = trial.user_attrs.get(RESUME) and Path(trial.user_attrs[RUN_DIR])
     where = ([f"hydra.sweep.dir={quoted(str(resumed.parent))}", f"hydra.sweep.subdir={quoted(resumed.name)}",
               "trainer.resume=true"] if resumed
-             else [f"hydra.sweep.subdir=trial_{trial.number}"])  # unique across resumed and parallel sweeps
+             else [f"hydra.sweep.subdir={trial_subdir(trial.number)}"])  # unique across resumed and parallel sweeps
     return [*space.fixed, *(as_override(k, v) for k, v in trial.params.items()), *where,
             f"+hydra.job.env_set.{STORAGE_ENV}={quoted(url)}",
             f"+hydra.job.env_set.{STUDY_ENV}={quoted(trial.study.study_name)}",
@@ -299,7 +300,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result) -> None:
     TrialState = optuna.trial.TrialState
     run_dir = OmegaConf.select(result.hydra_cfg or {}, "hydra.runtime.output_dir", default=None)
     if run_dir:
-        trial.set_user_attr(RUN_DIR, run_dir)
+        trial.set_user_attr(RUN_DIR, os.path.abspath(run_dir))
     outcome = result._return_value
     if result.status == JobStatus.COMPLETED and isinstance(outcome, (int, float)) and math.isfinite(outcome):
         record(study, trial, float(outcome))
