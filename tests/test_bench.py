@@ -143,6 +143,19 @@ def test_png_episodes_decode_the_samplers_pixels(channels):
         assert torch.equal(decoded, image.float().div_(255))  # TaskSampler's conversion
 
 
+@pytest.mark.parametrize("batch, batched_calls", [(3, [10]), (2, [3, 3, 2, 2])])
+def test_evaluations_take_turns_so_that_a_slow_minute_slows_each_alike(batch, batched_calls):
+    calls = []
+    make = lambda name: lambda n: calls.append((name, n))  # noqa: E731
+    seconds = bench.interleaved_eval_seconds(make("one"), make("batched"), make("official"), 10, batch,
+                                             torch.device("cpu"))
+    assert set(seconds) == {"one", "batched", "official"} and all(value >= 0 for value in seconds.values())
+    turns = [name for name, _ in calls if name != "batched"]
+    assert turns == ["one", "official"] * 4  # alternating, a quarter of the tasks each
+    for name, expected in (("one", [3, 3, 2, 2]), ("official", [3, 3, 2, 2]), ("batched", batched_calls)):
+        assert [n for who, n in calls if who == name] == expected
+
+
 def test_targets_are_computed_from_the_rows_and_say_when_they_are_missed():
     key = {"setting": "conv4 28x28x1 5w1s", "algo": "maml", "SiMT": "yes"}
     steps = [{**key, "engine": "loop", "ms/step": 90.0, "peak MB": 100.0, "vs official": 1.2},
