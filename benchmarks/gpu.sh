@@ -8,7 +8,8 @@
 #      steps and the 28x28 evaluations; the defaults here are sized to leave the ResNet-12 setting room.
 #      2026-11-27 (task-folding engine, 6 repeats, 200 tasks): the four Conv4 settings took 339 s and the
 #      ResNet-12 one did not finish in the rest of 520 s. BENCH_ONLY (a setting label's text, e.g. resnet12 or
-#      "conv4 28x28") runs only those settings: one session can measure what an earlier one left out.
+#      "conv4 28x28") runs only those settings: one session can measure what an earlier one left out;
+#      BENCH_ARGS adds benchmark options (e.g. "--engines loop,batched" to time fewer engines).
 # `bash benchmarks/gpu.sh rows` (`make rows-gpu`) instead: the experiment rows' acceptance command for the ResNet-12
 # rows (ROWS_ONLY), alone on the card, rows started until ROWS_BUDGET (480) s: a 2-core CPU cannot run them in a
 # session (an estimated 10+ minutes per 1-shot row, 30+ per 5-shot row).
@@ -43,9 +44,9 @@ timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider tests
 tests=$?
 tail -n 25 "$out/gpu-tests.txt"
 timeout "${BENCH_TIMEOUT:-440}" $PY -m benchmarks.bench --device cuda --eval-tasks "${EVAL_TASKS:-200}" \
-  --repeats "${REPEATS:-6}" ${BENCH_ONLY:+--only "$BENCH_ONLY"} \
+  --repeats "${REPEATS:-6}" ${BENCH_ONLY:+--only "$BENCH_ONLY"} ${BENCH_ARGS:-} \
   --out "$out/$(date -u +%Y-%m-%d)-cuda.md" 2>&1 | tee "$out/bench-log.txt" | tail -n 120
-bench=$?
+bench=$?  # the benchmark's status, not tail's: pipefail (set above)
 echo "gpu tests exit $tests, benchmark exit $bench (124: stopped at its time limit; the tables of the settings" \
   "done are kept; 1: a setting failed, see the file's last section)"
 exit $(( tests || bench ))

@@ -217,3 +217,14 @@ def test_gpu_script_rows_mode_runs_the_chosen_rows_and_writes_their_table(tmp_pa
     (table,) = tmp_path.glob("*-cuda-experiment-rows.md")
     assert "2 of 2 rows ran and gave a finite objective." in table.read_text()
     assert "| kanji_pose_maml | no | cpu |" in table.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_reports_the_benchmarks_own_exit_status(tmp_path):
+    """gpu.sh pipes the benchmark through tee and tail (pipefail): its status must be the benchmark's (2: no CUDA
+    on this machine), not tail's 0, or a failed or timed-out benchmark would pass for a finished one."""
+    from tests.conftest import child_env
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=child_env(OUT=str(tmp_path), TEST_TIMEOUT="1"))
+    assert "benchmark exit 2" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode != 0
