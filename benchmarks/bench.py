@@ -354,12 +354,14 @@ EVAL_ROUNDS = 4
 def interleaved_eval_seconds(one: Callable[[int], None], batched: Callable[[int], None],
                              official: Callable[[int], None], count: int, batch: int,
                              device: torch.device) -> dict[str, float]:
-    """Seconds for `count` tasks each way. One at a time and official-style take turns on a quarter of the
+    """Seconds for `count` tasks each way. One at a time and official-style take turns on a share of the
     tasks each (a machine shared with other work slows both alike, not whichever ran during the slow
-    minute); the batched evaluation joins the turns when a quarter still holds `batch` tasks."""
-    rounds = min(EVAL_ROUNDS, count)
+    minute): EVAL_ROUNDS shares, or fewer where that lets each share hold a whole batch, so that the batched
+    evaluation joins the turns (with one batch or none per share, it runs alone, after them)."""
+    whole_batches = count // max(batch, 1)
+    rounds = min(EVAL_ROUNDS, whole_batches) if whole_batches >= 2 else min(EVAL_ROUNDS, count)
     shares = [count // rounds + (k < count % rounds) for k in range(rounds)]
-    batched_in_rounds = min(shares) >= batch
+    batched_in_rounds = whole_batches >= 2
     seconds = {"one": 0.0, "batched": 0.0, "official": 0.0}
     for share in shares:
         seconds["one"] += timed(lambda: one(share), device)

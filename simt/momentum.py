@@ -56,8 +56,9 @@ class MomentumTarget:
 
         One multi-tensor lerp for every key (exact at η = 0 and η = 1), not two ops per key: a GPU step is
         bound by the ops it dispatches."""
-        torch._foreach_lerp_([self.params[key] for key in self.keys], [student[key] for key in self.keys],
-                             1.0 - self.eta)
+        if self.keys:  # (a foreach op refuses empty lists)
+            torch._foreach_lerp_([self.params[key] for key in self.keys], [student[key] for key in self.keys],
+                                 1.0 - self.eta)
 
     def loss(self, task_loss: torch.Tensor, student_out: torch.Tensor,
              teacher_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

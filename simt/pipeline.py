@@ -482,19 +482,23 @@ def is_data_location(key: str) -> bool:
 LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None}
 
 
-def config_hash(resolved: dict, with_data_location: bool = False) -> str:
+def config_hash(resolved: dict, with_roots: bool = False) -> str:
     """A short fingerprint of what a run computes, so a grid re-run can tell finished cells (results.json).
-    `with_data_location`: the fingerprint as versions before 2026-11-27 wrote it (data sets' `root` included)."""
-    flat = {key: value for key, value in _flatten(resolved).items()
-            if key not in MECHANICS and (with_data_location or not is_data_location(key))
-            and not (key in LATER_KEYS and value == LATER_KEYS[key])}
+    `with_roots`: the fingerprint as versions before 2026-11-27 wrote it (`data_dir` left out, but the data
+    sets' `root`, made from it, kept in)."""
+    def hashed(key: str, value) -> bool:
+        if key in MECHANICS or (key in LATER_KEYS and value == LATER_KEYS[key]):
+            return False
+        return not is_data_location(key) or (with_roots and key != "data_dir")
+
+    flat = {key: value for key, value in _flatten(resolved).items() if hashed(key, value)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_hashes(resolved: dict) -> set[str]:
     """The fingerprints a finished run of `resolved` may carry: this version's and the older one (which
     recognises older runs only where their data still is)."""
-    return {config_hash(resolved), config_hash(resolved, with_data_location=True)}
+    return {config_hash(resolved), config_hash(resolved, with_roots=True)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -550,7 +554,7 @@ def _check_same_run(saved: dict, current: dict, path: Path) -> None:
         if key in LATER_KEYS and {old, new} <= {None, LATER_KEYS[key]}:
             continue
         if is_data_location(key):
-            log.info("%s=%s (the run being resumed read its data from %s)", key, new, old)
+            log.warning("%s=%s: the run being resumed read its data from %s (the same files, moved?)", key, new, old)
             continue
         if key not in RESUMABLE_CHANGES:
             raise ConfigError(key, new, f"{old!r} as in the checkpoint {path} it would resume "
@@ -576,7 +580,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     config = saved.get("config")
     if not config:
         raise ConfigError("checkpoint", str(path), "a checkpoint written by this tool (no config found beside it)")
-    saved_cfg = OmegaConf.create(config)
+    saved_cfg = _data_found_in(OmegaConf.create(config), str(cfg.data_dir))
     saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress",
                                                               "eval_batch", "data_on_device")})
     exp = build(saved_cfg)
@@ -586,6 +590,20 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     log.info("test %s %s %.3f ± %.3f over %d episodes", test["reported_model"], name, test[f"test/{name}"],
              test[f"test/{name}_ci95"], saved_cfg.trainer.eval_tasks)
     return float(test[f"test/{name}"])
+
+
+def _data_found_in(saved: DictConfig, data_dir: str) -> DictConfig:
+    """A saved run's config with each data set root that is gone re-based from the saved `data_dir` onto the
+    command line's: the run was trained on another machine, or its data moved since (a root still there
+    is kept, so that the command line's default data_dir does not replace a folder that works)."""
+    old = str(saved.data_dir).rstrip("/")
+    for group in ("dataset", "eval_dataset"):
+        root = OmegaConf.select(saved, f"{group}.root")
+        if isinstance(root, str) and not Path(root).exists() and root.startswith(old + "/"):
+            moved = os.path.join(data_dir, root[len(old) + 1:])
+            log.info("%s.root: %s is gone; reading %s (data_dir=%s)", group, root, moved, data_dir)
+            OmegaConf.update(saved, f"{group}.root", moved)
+    return saved
 
 
 def _write_json(payload: dict, path: Path) -> None:

@@ -111,7 +111,8 @@ class _StatsMean:
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element is finite, read from the device once: the largest magnitude of each tensor
     (NaN if it holds one) in one multi-tensor op, not a check and a GPU-to-CPU wait per tensor."""
-    return bool(torch.stack(torch._foreach_norm([t.detach() for t in tensors], float("inf"))).isfinite().all())
+    tensors = [t.detach() for t in tensors if t.numel()]  # an empty tensor has no infinity norm (and no NaN)
+    return not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
 
 
 def autocast(device: torch.device, precision: str):

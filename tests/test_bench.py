@@ -143,16 +143,20 @@ def test_png_episodes_decode_the_samplers_pixels(channels):
         assert torch.equal(decoded, image.float().div_(255))  # TaskSampler's conversion
 
 
-@pytest.mark.parametrize("batch, batched_calls", [(3, [10]), (2, [3, 3, 2, 2])])
-def test_evaluations_take_turns_so_that_a_slow_minute_slows_each_alike(batch, batched_calls):
+@pytest.mark.parametrize("count, batch, shares, batched_calls", [
+    (10, 6, [3, 3, 2, 2], [10]),  # not two whole batches: four turns, the batched evaluation alone
+    (10, 2, [3, 3, 2, 2], [3, 3, 2, 2]),  # it joins the turns
+    (200, 100, [100, 100], [100, 100]),  # the CUDA defaults: two turns, so that it joins them
+])
+def test_evaluations_take_turns_so_that_a_slow_minute_slows_each_alike(count, batch, shares, batched_calls):
     calls = []
     make = lambda name: lambda n: calls.append((name, n))  # noqa: E731
-    seconds = bench.interleaved_eval_seconds(make("one"), make("batched"), make("official"), 10, batch,
+    seconds = bench.interleaved_eval_seconds(make("one"), make("batched"), make("official"), count, batch,
                                              torch.device("cpu"))
     assert set(seconds) == {"one", "batched", "official"} and all(value >= 0 for value in seconds.values())
     turns = [name for name, _ in calls if name != "batched"]
-    assert turns == ["one", "official"] * 4  # alternating, a quarter of the tasks each
-    for name, expected in (("one", [3, 3, 2, 2]), ("official", [3, 3, 2, 2]), ("batched", batched_calls)):
+    assert turns == ["one", "official"] * len(shares)  # alternating
+    for name, expected in (("one", shares), ("official", shares), ("batched", batched_calls)):
         assert [n for who, n in calls if who == name] == expected
 
 

@@ -168,3 +168,10 @@ def test_protonet_teacher_updates_its_own_bn_statistics_only():
     exp.learner.teacher_outputs(exp.target.params, _task_of(exp, ways=20))
     assert not torch.equal(exp.target.params[key], target_before)
     assert torch.equal(dict(exp.learner.model.named_buffers())[key], student_before)
+
+
+def test_a_target_with_nothing_to_average_keeps_its_buffers():
+    student = {"w": torch.ones(2)}
+    target = MomentumTarget(student, [], {"running_mean": torch.zeros(3)}, eta=0.5, lam=0.5, temp=4.0)
+    target.update(student)
+    assert set(target.params) == {"running_mean"} and torch.equal(target.params["running_mean"], torch.zeros(3))

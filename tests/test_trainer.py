@@ -208,6 +208,7 @@ def test_all_finite_finds_one_bad_element_among_many_tensors(bad):
     assert trainer._all_finite(tensors)
     tensors[1][2] = bad
     assert not trainer._all_finite(tensors)
+    assert trainer._all_finite([torch.empty(0), torch.ones(2)]) and trainer._all_finite([])
 
 
 def test_mode_eval_reproduces_the_test_score(tmp_path):
@@ -258,6 +259,21 @@ def test_a_finished_run_is_skipped_only_when_its_config_is_unchanged(tmp_path):
     assert results.stat().st_mtime_ns != written and _results(tmp_path)["steps"] == 6
 
 
+def _hash_before_2026_11_27(resolved: dict) -> str:
+    """config_hash as versions before 2026-11-27 computed it (written out again here, not the code under
+    test): data_dir left out, the data sets' roots in."""
+    import hashlib
+
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                             else {f"{prefix}{key}": value}).items()}
+
+    kept = {key: value for key, value in flat(resolved).items() if key not in pipeline.MECHANICS | {"data_dir"}
+            and not (key in pipeline.LATER_KEYS and value == pipeline.LATER_KEYS[key])}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def test_moved_data_resumes_and_finished_runs_are_recognised_wherever_the_data_is(tmp_path):
     """data_dir and the data sets' roots say where the files are, not what is computed: a resume reads the
     data from its new place, and a finished run's hash (also as older versions wrote it) still matches."""
@@ -274,9 +290,14 @@ def test_moved_data_resumes_and_finished_runs_are_recognised_wherever_the_data_i
 
     resolved = OmegaConf.to_container(make_cfg(*fast(*args, "data_dir=/elsewhere", "trainer.steps=3")), resolve=True)
     assert results["config_hash"] == pipeline.config_hash(resolved)
-    legacy = pipeline.config_hash(results["config"], with_data_location=True)  # as written before 2026-11-27
+    legacy = _hash_before_2026_11_27(results["config"])
     assert legacy != results["config_hash"] and legacy in pipeline.config_hashes(results["config"])
     assert legacy not in pipeline.config_hashes(resolved)  # the old fingerprint names the old place
+    # mode=eval on a run whose checkpoints name an old place: the saved roots that are gone follow data_dir.
+    third = moved.rename(tmp_path / "third")
+    score = pipeline.run(make_cfg(*fast("mode=eval", f"checkpoint={tmp_path / 'run'}", f"data_dir={third}")),
+                         tmp_path / "eval")
+    assert math.isfinite(score)
     with pytest.raises(pipeline.ConfigError, match="dataset.name='tieredimagenet': expected 'miniimagenet'"):
-        pipeline.run(make_cfg(*fast("dataset=tieredimagenet", "eval_dataset=cub", f"data_dir={moved}",
+        pipeline.run(make_cfg(*fast("dataset=tieredimagenet", "eval_dataset=cub", f"data_dir={third}",
                                     "trainer.steps=4", "trainer.resume=true")), tmp_path / "run")

@@ -156,7 +156,7 @@ class TaskBatch:
         if x.requires_grad:
             return fold(x)
         cached = self._folded_inputs.get(id(x))
-        if cached is None or cached[0] is not x:  # the id of a freed tensor may be reused
+        if cached is None:  # the cache holds x itself, so no other tensor can take its id meanwhile
             cached = self._folded_inputs[id(x)] = (x, fold(x))
         return cached[1]
 

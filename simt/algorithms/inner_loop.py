@@ -22,8 +22,11 @@ def descend(params: Params, grads: dict[str, torch.Tensor | None], lrs: float | 
 
     `lrs` is one float (MAML) or a dict of per-key tensors (MetaSGD's learned rates, differentiable).
     One multi-tensor op updates every key (two for MetaSGD) instead of two ops per key: on a GPU a meta-step
-    is bound by dispatching ops, and the inner loop runs this 5 times per task and model. The foreach ops
-    are differentiable to any order, as the per-key ones (the engine parity tests check it).
+    is bound by dispatching ops (Python, autograd), and the inner loop runs this every inner step of every
+    task and model. (CUDA fuses the keys into one kernel where the tensors allow: not for the first step's
+    expanded weights of stacked tasks, nor for MetaSGD's rates broadcast over tasks; those run a kernel per
+    key, still from one dispatch.) The foreach ops are differentiable to any order, as the per-key ones
+    (the engine parity tests check it).
     """
     keys = [key for key, grad in grads.items() if grad is not None]  # None: the key does not affect the loss
     if not keys:
