@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from conftest import ROOT, child_env, fast, make_cfg, run_cli
@@ -25,7 +26,7 @@ from simt.sweeping import study as study_mod
 from simt.sweeping.study import (INTERRUPTED, OWNER, HEARTBEAT, PRUNER_ATTR, RESUME, RETRIES, RETRY_OF, RUN_DIR,
                                  SweepError, TrialReporter, claim_trials, fail_interrupted, make_pruner, make_sampler)
 from simt.sweeping.sweep import (DEFAULTS, as_override, corners, default_study_name, load_settings,
-                                 parse_space, place_retry, record, reseeded, trial_overrides)
+                                 parse_space, place_retry, record, reseeded, tell, trial_overrides)
 
 QUICK = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sweep=simt_quick"]
 
@@ -132,6 +133,20 @@ def _sqlite_study(tmp_path, name="s", pruner=None) -> tuple[optuna.Study, str]:
     study = optuna.create_study(storage=study_mod.open_storage(url), study_name=name, direction="maximize",
                                 pruner=pruner)
     return study, url
+
+
+def test_a_finished_trial_records_its_run_directory_in_one_spelling(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+
+    study, _ = _sqlite_study(tmp_path)
+    trial = study.ask()
+    result = SimpleNamespace(status=JobStatus.COMPLETED, _return_value=0.5, hydra_cfg=OmegaConf.create(
+        {"hydra": {"runtime": {"output_dir": f"{tmp_path}/sweep/../sweep/trial_0"}}}))
+    tell(study, trial, result)
+    (done,) = study.get_trials()
+    assert done.value == 0.5 and done.user_attrs[RUN_DIR] == str(tmp_path / "sweep" / "trial_0")
 
 
 def _interrupt(study: optuna.Study, trial) -> None:
