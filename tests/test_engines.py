@@ -4,6 +4,7 @@ Same meta-gradient (float64, relative error <= 1e-6) and the same logged statist
 with and without SiMT, on Conv4 and a narrow ResNet-12; exact BatchNorm under vmap; per-task dropout
 masks; the config key. Tiny widths and 16x16 images keep the file fast on two CPU cores.
 """
+import dataclasses
 import functools
 import json
 
@@ -16,7 +17,7 @@ from torch.func import functional_call
 
 from benchmarks.bench import count_ops
 from simt import pipeline
-from simt.algorithms import GradientLearner, MetaSGD, ProtoNet
+from simt.algorithms import GradientLearner, MetaSGD, ProtoNet, engines
 from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine
 from simt.algorithms.inner_loop import sgd_step
 from simt.data.tasks import Task
@@ -224,15 +225,18 @@ def test_backward_per_task_accumulates_the_gradient_of_the_mean_loss(engine, alg
     assert _relative_error(_flat_grads(learner), 0.5 * reference) <= 1e-12
 
 
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
 @pytest.mark.parametrize("engine", ["loop", "batched"])
-def test_a_meta_step_reads_from_the_device_once_after_every_backward(engine, monkeypatch):
-    """Losses and statistics are read in one transfer at the end of meta_batch_backward: a read (.item())
-    between forward and backward would make the CPU wait for a GPU's forward before queueing the backward."""
-    learner = _learner("maml", "conv4", engine)
-    target, tasks = _target(learner), _tasks(count=3)
+def test_a_meta_step_reads_from_the_device_once_after_every_backward(engine, algo, monkeypatch):
+    """Losses and statistics are read in one transfer at the end of meta_batch_backward: a read (.item(),
+    int()) between forward and backward would make the CPU wait for a GPU's forward before queueing the
+    backward. ProtoNet takes the number of classes from the task (its sampler knows it), not the labels."""
+    learner = _learner(algo, "conv4", engine)
+    target = _target(learner)
+    tasks = [dataclasses.replace(task, ways=WAYS) for task in _tasks(count=3)]
     expected = meta_batch_backward(learner, target, tasks)
     reads = []
-    for name in ("item", "tolist"):
+    for name in ("item", "tolist", "__int__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _f=original, _n=name: reads.append(_n) or _f(self))
     learner.model.zero_grad()
@@ -513,6 +517,22 @@ def test_batched_dropout_draws_a_different_mask_for_every_task(algo):
 
 
 # -- shapes, configuration, end to end ------------------------------------------------------------
+
+def test_stacked_tasks_keep_their_number_of_classes_when_they_agree():
+    tasks = _tasks(count=2)
+    assert engines._stacked([dataclasses.replace(t, ways=WAYS) for t in tasks]).ways == WAYS
+    assert engines._stacked([dataclasses.replace(tasks[0], ways=WAYS), tasks[1]]).ways is None  # then read
+    assert engines._stacked(tasks).support_x.shape == (2, *tasks[0].support_x.shape)
+
+
+def test_prototypes_with_and_without_the_number_of_classes_agree():
+    from simt.algorithms.protonet import prototype_logits
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    labels = torch.arange(3).repeat_interleave(2)
+    torch.testing.assert_close(prototype_logits(support, labels, query, 3), prototype_logits(support, labels, query),
+                               rtol=0, atol=0)
+
 
 def test_batched_engine_needs_tasks_of_one_shape():
     learner = _learner("maml", "conv4", "batched")

@@ -50,6 +50,7 @@ def test_task_shapes_labels_and_disjoint_support_query():
     task = TaskSampler(images, ways=5, shots=2, queries=3, seed=0).sample()
     assert task.support_x.shape == (10, 1, 4, 4) and task.query_x.shape == (15, 1, 4, 4)
     assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert task.ways == 5 and task.to(torch.device("cpu")).ways == 5  # known without reading the labels
     assert 0.0 <= task.support_x.min() and task.support_x.max() <= 1.0
     ids = lambda x: set((x[:, 0, 0, 0] * 255).round().long().tolist())  # noqa: E731  image id = class*8+instance
     assert not ids(task.support_x) & ids(task.query_x)

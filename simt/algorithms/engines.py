@@ -175,10 +175,10 @@ class TaskBatch:
 @contextmanager
 def _tasks_at_once(learner, tasks: list[Task]) -> Iterator[Task]:
     """The tasks stacked into one Task (leading task dimension), while the learner runs them at once."""
-    fields = _stacked(tasks)
+    stacked = _stacked(tasks)
     batch = TaskBatch(len(tasks), learner.model)
     with learner.tasks_at_once(batch):
-        yield Task(*fields)
+        yield stacked
     batch.apply_statistics()
 
 
@@ -187,13 +187,16 @@ def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Ten
     return student, learner.teacher_outputs(target.params, task) if target is not None else None
 
 
-def _stacked(tasks: list[Task]) -> list[torch.Tensor]:
-    """Task fields stacked over the tasks, (tasks, ...)."""
-    fields = []
+def _stacked(tasks: list[Task]) -> Task:
+    """The tasks as one, every tensor field stacked over the tasks, (tasks, ...)."""
+    fields = {}
     for field in dataclasses.fields(Task):
         parts = [getattr(task, field.name) for task in tasks]
+        if not isinstance(parts[0], torch.Tensor):  # ways: kept where every task says the same
+            fields[field.name] = parts[0] if len(set(parts)) == 1 else None
+            continue
         if len({part.shape for part in parts}) > 1:
             raise ValueError(f"algo.engine=batched: the tasks of a meta-batch must have equal shapes (same ways, "
                              f"shots, queries); {field.name} has shapes {sorted({tuple(p.shape) for p in parts})}")
-        fields.append(torch.stack(parts))
-    return fields
+        fields[field.name] = torch.stack(parts)
+    return Task(**fields)

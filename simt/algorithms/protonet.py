@@ -23,14 +23,16 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
     return (sums / counts[:, None]).view(*lead, ways, dim)
 
 
-def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                     ways: int | None = None) -> torch.Tensor:
     """-||q - c_k||^2 for every query q and prototype c_k: (..., queries, ways), in float32 at least.
+    `ways` None: read from the labels (a transfer from a GPU that waits for the embeddings).
 
     Under bf16 autocast the embeddings arrive in bf16, whose 8-bit mantissa would round class means and
     distances of a few hundred to whole units: logits off by that much move the softmax."""
     dtype = torch.promote_types(torch.promote_types(support.dtype, query.dtype), torch.float32)
     support, query = support.to(dtype), query.to(dtype)
-    protos = prototypes(support, support_y, int(support_y.max()) + 1)
+    protos = prototypes(support, support_y, ways or int(support_y.max()) + 1)
     return -(query[..., :, None, :] - protos[..., None, :, :]).pow(2).sum(-1)
 
 
@@ -77,7 +79,7 @@ class ProtoNet(StackedTasks):
         set_dropout(self.model, True)
         support = self._embed(params, task.support_x)
         set_dropout(self.model, False)
-        return prototype_logits(support, task.support_y, self._embed(params, task.query_x))
+        return prototype_logits(support, task.support_y, self._embed(params, task.query_x), task.ways)
 
     @torch.no_grad()
     def eval_outputs(self, params: Params, task: Task, inner_step: InnerStep | None = None) -> torch.Tensor:
@@ -90,7 +92,7 @@ class ProtoNet(StackedTasks):
 
     def _logits(self, params: Params, task: Task) -> torch.Tensor:
         return prototype_logits(self._embed(params, task.support_x), task.support_y,
-                                self._embed(params, task.query_x))
+                                self._embed(params, task.query_x), task.ways)
 
     def _embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return self._network(params, x)

@@ -19,10 +19,13 @@ class Task:
     support_y: torch.Tensor  # (ways * shots,) int64
     query_x: torch.Tensor  # (ways * queries, C, H, W)
     query_y: torch.Tensor  # (ways * queries,) int64
+    # The number of classes, where the sampler knows it (None: regression, or not given): ProtoNet then need
+    # not read the labels' maximum back from a GPU, which would stall the CPU in the middle of a step.
+    ways: int | None = None
 
     def to(self, device: torch.device) -> "Task":
         return Task(*(t.to(device, non_blocking=True) for t in (self.support_x, self.support_y,
-                                                                 self.query_x, self.query_y)))
+                                                                 self.query_x, self.query_y)), ways=self.ways)
 
 
 # k / 255 for every uint8 value k, divided once on the CPU. Gathering from this table gives the same bits on
@@ -131,7 +134,8 @@ class TaskSampler(MetaBatchSampling):
         rows = torch.cat((order[:, :shots].flatten(), order[:, shots:].flatten()))  # class by class, support first
         images = unit_pixels(self.images[rows.to(self.images.device)])
         support = self.ways * shots
-        return Task(images[:support], self._labels_of(shots), images[support:], self._labels_of(self.queries))
+        return Task(images[:support], self._labels_of(shots), images[support:], self._labels_of(self.queries),
+                    ways=self.ways)
 
     def _labels_of(self, per_class: int) -> torch.Tensor:
         """0..ways-1, each `per_class` times, on the images' device (one tensor shared by the episodes)."""
