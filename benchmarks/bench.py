@@ -405,7 +405,7 @@ def eval_rows(setting: Setting, device: torch.device, args, peak_flops: float) -
 
         ours(1), ours(batch, batch), theirs(1)  # warm-up (the batched one at the timed batch size)
         flops = count_flops(lambda: ours(1))
-        seconds = interleaved_eval_seconds(lambda n: ours(n), lambda n: ours(n, batch), theirs, count, batch, device)
+        seconds = interleaved_eval_seconds(ours, lambda n: ours(n, batch), theirs, count, batch, device)
         scale = EVAL_TASKS / count
         rows.append({"setting": setting.label, "algo": algo, "tasks timed": count, "batch": batch,
                      f"one at a time s/{EVAL_TASKS}": seconds["one"] * scale,

@@ -5,7 +5,7 @@
 #      device, bf16, a whole run with the GPU defaults);
 #   3. the benchmark on CUDA (every setting, REPEATS (6) timed steps per row; EVAL_TASKS (200) evaluation tasks
 #      timed per row, scaled to 2,000). 2026-11-26, H100, 10 repeats, 300 tasks: 288 s for the four Conv4 settings'
-#      steps and the 28x28 evaluations; the defaults here are sized to leave the ResNet-12 setting room.
+#      steps and the 28x28 evaluations.
 #      2026-11-27 (task-folding engine, 6 repeats, 200 tasks): the four Conv4 settings took 339 s and the
 #      ResNet-12 one did not finish in the rest of 520 s. BENCH_ONLY (a setting label's text, e.g. resnet12 or
 #      "conv4 28x28") runs only those settings: one session can measure what an earlier one left out;

@@ -470,11 +470,14 @@ MECHANICS = {"trainer.resume", "trainer.threads", "trainer.progress", "trainer.c
              "mode", "checkpoint"}
 
 
+DATA_GROUPS = ("dataset", "eval_dataset")  # the config groups that name a data set (and its `root`)
+
+
 def is_data_location(key: str) -> bool:
     """Where the data files are read from (`data_dir`, and the `root` of a data set, made from it): moved data,
     another machine's SIMT_DATA, the same files. A run resumes and a finished run is recognised wherever
     its data now lives, so the key is neither checked on resume nor part of the config hash."""
-    return key == "data_dir" or (key.split(".")[0] in ("dataset", "eval_dataset") and key.endswith(".root"))
+    return key == "data_dir" or key in {f"{group}.root" for group in DATA_GROUPS}
 
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they
@@ -597,7 +600,7 @@ def _data_found_in(saved: DictConfig, data_dir: str) -> DictConfig:
     command line's: the run was trained on another machine, or its data moved since (a root still there
     is kept, so that the command line's default data_dir does not replace a folder that works)."""
     old = str(saved.data_dir).rstrip("/")
-    for group in ("dataset", "eval_dataset"):
+    for group in DATA_GROUPS:
         root = OmegaConf.select(saved, f"{group}.root")
         if isinstance(root, str) and not Path(root).exists() and root.startswith(old + "/"):
             moved = os.path.join(data_dir, root[len(old) + 1:])
