@@ -51,11 +51,13 @@ class Metric:
             return [self.fn(out, target) for out, target in zip(outputs, targets)]
         return self.values(torch.stack(list(outputs)), torch.stack(list(targets))).tolist()
 
-    def value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One episode's score as a 0-dim tensor, left on the device where `values` allows."""
+    def total(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The sum of the scores of a stack of episodes (leading dimension) as a 0-dim float64 tensor, left on
+        the device where `values` allows."""
         if self.values is not None:
-            return self.values(outputs, targets)
-        return torch.tensor(self.fn(outputs, targets), dtype=torch.float64, device=outputs.device)
+            return self.values(outputs, targets).sum()
+        return torch.tensor(sum(self.fn(out, target) for out, target in zip(outputs, targets)), dtype=torch.float64,
+                            device=outputs.device)
 
 
 ACCURACY = Metric(accuracy, "acc", higher_is_better=True, values=accuracy_values)

@@ -8,6 +8,7 @@ dict, so one implementation serves every learner.
 import torch
 import torch.nn.functional as F
 
+from simt.algorithms.engines import sum_over_tasks
 from simt.algorithms.inner_loop import Params
 
 
@@ -22,9 +23,15 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl * temp**2 / student_logits.shape[0]
 
 
+distillation_kl.mean_over_samples = True  # type: ignore[attr-defined]  # (engines.sum_over_tasks)
+
+
 def distillation_mse(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, temp: float) -> torch.Tensor:
     """Regression: the mean squared difference to the teacher's predictions (temperature unused)."""
     return F.mse_loss(student_outputs, teacher_outputs)
+
+
+distillation_mse.mean_over_samples = True  # type: ignore[attr-defined]
 
 
 DISTILLATIONS = {"kl": distillation_kl, "mse": distillation_mse}
@@ -62,8 +69,9 @@ class MomentumTarget:
 
     def loss(self, task_loss: torch.Tensor, student_out: torch.Tensor,
              teacher_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1-λ)·L_task + λ·D(student, teacher); returns (total, D) so D can be logged."""
-        distill = self.distill(student_out, teacher_out.detach(), self.temp)
+        """(1-λ)·L_task + λ·D(student, teacher), summed over a stack of tasks: the outputs have a leading task
+        dimension and `task_loss` is the sum of their task losses. Returns (total, sum of D) so D can be logged."""
+        distill = sum_over_tasks(self.distill, student_out, teacher_out.detach(), temp=self.temp)
         return (1.0 - self.lam) * task_loss + self.lam * distill, distill
 
     def state_dict(self) -> Params:

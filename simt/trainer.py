@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from simt import checkpoint, distributed
-from simt.algorithms.engines import meta_batch_outputs
+from simt.algorithms.engines import meta_batch_outputs, sum_over_tasks
 from simt.data.tasks import TaskSampler
 from simt.evaluator import ACCURACY, Metric
 from simt.momentum import MomentumTarget
@@ -68,42 +68,42 @@ def meta_batch_backward(learner, target: MomentumTarget | None, tasks, metric: M
 
 def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
                  stats: "_StatsMean") -> torch.Tensor:
-    """Sum over `tasks` of the outer loss (with its graph); each task's statistics are added to `stats`.
+    """Sum over `tasks` of the outer loss (with its graph); their statistics' sums are added to `stats`.
 
     The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
-    at once); losses and statistics are computed from them here, the same for every engine."""
+    at once), as stacks of tasks; losses and statistics are computed here, once per stack, the same for every
+    engine (a loss that is a mean over samples in one call for the whole stack: engines.sum_over_tasks)."""
     total = 0.0
-    outputs = meta_batch_outputs(learner, learner.meta_parameters(), target, tasks)
-    for task, (student_out, teacher_out) in zip(tasks, outputs):
-        task_loss = learner.task_loss(student_out, task.query_y)
-        loss, task_stats = task_loss, {"task_loss": task_loss.detach(), "distill_loss": task_loss.new_zeros(()),
-                                       metric.name: metric.value(student_out.detach(), task.query_y)}
+    for targets, student_out, teacher_out in meta_batch_outputs(learner, learner.meta_parameters(), target, tasks):
+        task_loss = sum_over_tasks(learner.task_loss, student_out, targets)
+        loss, sums = task_loss, {"task_loss": task_loss.detach(), "distill_loss": task_loss.new_zeros(()),
+                                 metric.name: metric.total(student_out.detach(), targets)}
         if target is not None:
             loss, distill = target.loss(task_loss, student_out, teacher_out)
-            task_stats["distill_loss"] = distill.detach()
-            task_stats[f"target_{metric.name}"] = metric.value(teacher_out, task.query_y)
-        stats.add(task_stats)
+            sums["distill_loss"] = distill.detach()
+            sums[f"target_{metric.name}"] = metric.total(teacher_out, targets)
+        stats.add(sums)
         total = total + loss
     return total
 
 
 class _StatsMean:
-    """Means of per-task statistics over a meta-batch of `count` tasks. The statistics stay tensors (on the
-    device) until `means` reads them all, and any `extra` tensors, in one transfer."""
+    """Means of statistics over a meta-batch of `count` tasks, from their sums over stacks of its tasks. The
+    sums stay tensors (on the device) until `means` reads them all, and any `extra` tensors, in one transfer."""
 
     def __init__(self, count: int):
-        self.count, self.per_task = count, []
+        self.count, self.sums = count, []
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
-        self.per_task.append(stats)
+    def add(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sums.append(sums)
 
     def means(self, *extra: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-        """(the `extra` values as numbers, the mean of each statistic), summed task by task in float64."""
-        tensors = [value for stats in self.per_task for value in stats.values()] + list(extra)
+        """(the `extra` values as numbers, the mean of each statistic), summed stack by stack in float64."""
+        tensors = [value for sums in self.sums for value in sums.values()] + list(extra)
         numbers = iter(torch.stack([t.to(torch.float64).reshape(()) for t in tensors]).tolist())  # all detached
         means: dict[str, float] = {}
-        for stats in self.per_task:
-            for name in stats:
+        for sums in self.sums:
+            for name in sums:
                 means[name] = means.get(name, 0.0) + next(numbers) / self.count
         return list(numbers), means
 

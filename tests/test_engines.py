@@ -18,7 +18,7 @@ from torch.func import functional_call
 from benchmarks.bench import count_ops
 from simt import pipeline
 from simt.algorithms import GradientLearner, MetaSGD, ProtoNet, engines
-from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine
+from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine, sum_over_tasks
 from simt.algorithms.inner_loop import sgd_step
 from simt.data.tasks import Task
 from simt.data.regression import mse
@@ -292,8 +292,8 @@ def _one_inner_step_then_query(model: nn.Module, batched: bool):
     weights = torch.randn(4, 5, 3, 6, 6, generator=g, dtype=F64)
     if batched:
         tasks = TaskBatch(4, model)
-        loss_of = lambda p: tasks.loss(lambda out, _: out.sin().mean(), tasks.forward(p, support),  # noqa: E731
-                                       torch.zeros(4))
+        loss_of = lambda p: sum_over_tasks(lambda out, _: out.sin().mean(), tasks.forward(p, support),  # noqa: E731
+                                           torch.zeros(4))
         out = tasks.forward(sgd_step(tasks.stacked(params, list(params)), loss_of, list(params), 0.5, False), query)
     else:
         def one_task(s, q):
@@ -451,33 +451,55 @@ def test_batched_engine_dispatches_far_fewer_ops_than_the_loop():
     assert counts["loop"] >= 2.5 * counts["batched"], counts
 
 
+def test_batched_losses_and_statistics_cost_the_same_ops_for_any_number_of_tasks():
+    """The batched engine computes the query losses, the distillation and the statistics once for the stacked
+    tasks (sums over the stack), not once per task: with the tasks drawn beforehand, a ProtoNet + SiMT step
+    (no inner loop, so no per-task double backward either) dispatches as many ops for 4 tasks as for 2."""
+    counts = {}
+    for count in (2, 4):
+        learner = _learner("protonet", "conv4", "batched")
+        target, tasks = _target(learner), _tasks(count=count)
+        meta_batch_backward(learner, target, tasks)  # warm-up
+        counts[count] = count_ops(lambda: meta_batch_backward(learner, target, tasks))
+    assert counts[4] == counts[2], counts
+
+
 def _squared_cross_entropy(outputs, targets):  # not a mean over samples: the batched engine must vmap it
     return F.cross_entropy(outputs, targets) ** 2
 
 
+@pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("name, one_call", [("cross_entropy", True), ("mse", True), ("azimuth", True),
+                                            ("distillation_kl", True), ("distillation_mse", True),
                                             ("squared_cross_entropy", False)])
-def test_stacked_task_loss_is_the_sum_of_the_task_losses(name, one_call, monkeypatch):
+def test_stacked_task_loss_is_the_sum_of_the_task_losses(name, one_call, count, monkeypatch):
     """Losses that average over their samples run once on the stacked samples; any other loss runs under
-    vmap, task by task: either way, the sum over the tasks of the loss of each, and its gradient."""
+    vmap, task by task (a stack of one: plainly): either way, the sum over the tasks of the loss of each (with
+    its keyword arguments: the distillation temperature), and its gradient."""
     from simt.data.regression import azimuth_loss
+    from simt.momentum import distillation_kl, distillation_mse
 
     g = torch.Generator().manual_seed(0)
-    classes = lambda: torch.randint(0, 4, (3, 6), generator=g)  # noqa: E731
-    values = lambda: torch.randn(3, 6, 2, generator=g, dtype=torch.float64)  # noqa: E731
+    logits = lambda: torch.randn(count, 6, 4, generator=g, dtype=torch.float64)  # noqa: E731
+    classes = lambda: torch.randint(0, 4, (count, 6), generator=g)  # noqa: E731
+    values = lambda: torch.randn(count, 6, 2, generator=g, dtype=torch.float64)  # noqa: E731
     loss_fn, outputs, targets = {
-        "cross_entropy": (F.cross_entropy, torch.randn(3, 6, 4, generator=g, dtype=torch.float64), classes()),
+        "cross_entropy": (F.cross_entropy, logits(), classes()),
         "mse": (F.mse_loss, values(), values()),
         "azimuth": (azimuth_loss, values(), values()),
-        "squared_cross_entropy": (_squared_cross_entropy, torch.randn(3, 6, 4, generator=g, dtype=torch.float64),
-                                  classes()),
+        "distillation_kl": (functools.partial(distillation_kl, temp=4.0), logits(), logits()),
+        "distillation_mse": (functools.partial(distillation_mse, temp=4.0), values(), values()),
+        "squared_cross_entropy": (_squared_cross_entropy, logits(), classes()),
     }[name]
+    kwargs = {}
+    if isinstance(loss_fn, functools.partial):  # passed as sum_over_tasks' keyword arguments
+        loss_fn, kwargs = loss_fn.func, loss_fn.keywords
     outputs.requires_grad_()
     vmapped, real_vmap = [], torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: vmapped.append(1) or real_vmap(*a, **k))
-    total = TaskBatch(3, nn.Linear(1, 1)).loss(loss_fn, outputs, targets)
-    assert bool(vmapped) != one_call
-    expected = sum(loss_fn(o, y) for o, y in zip(outputs, targets))
+    total = sum_over_tasks(loss_fn, outputs, targets, **kwargs)
+    assert bool(vmapped) == (not one_call and count > 1)
+    expected = sum(loss_fn(o, y, **kwargs) for o, y in zip(outputs, targets))
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.autograd.grad(total, outputs)[0], torch.autograd.grad(expected, outputs)[0],
                                rtol=1e-12, atol=1e-15)
@@ -509,10 +531,12 @@ def test_exact_batch_norm_swap_is_undone_even_on_error():
 def test_batched_dropout_draws_a_different_mask_for_every_task(algo):
     same = _tasks(count=1) * 3  # three copies of one task: only dropout can tell them apart
     with_dropout = _learner(algo, "conv4", "batched", drop_p=0.5)
-    students = [student for student, _ in meta_batch_outputs(with_dropout, with_dropout.meta_parameters(), None, same)]
+    [stack] = meta_batch_outputs(with_dropout, with_dropout.meta_parameters(), None, same)
+    students = stack.student.unbind(0)
     assert not torch.allclose(students[0], students[1]) and not torch.allclose(students[1], students[2])
     without = _learner(algo, "conv4", "batched")
-    students = [student for student, _ in meta_batch_outputs(without, without.meta_parameters(), None, same)]
+    [stack] = meta_batch_outputs(without, without.meta_parameters(), None, same)
+    students = stack.student.unbind(0)
     torch.testing.assert_close(students[0], students[1], rtol=1e-12, atol=1e-12)
 
 

@@ -127,10 +127,27 @@ def test_a_chunk_of_episodes_is_scored_in_one_read_with_the_per_episode_numbers(
     logits, labels = torch.randn(6, 15, 5, generator=g), torch.randint(0, 5, (6, 15), generator=g)
     per_episode = [accuracy(out, y) for out, y in zip(logits, labels)]
     assert ACCURACY.scores(list(logits), list(labels)) == per_episode  # the same floats, not approximately
-    assert ACCURACY.value(logits[0], labels[0]).item() == per_episode[0]
+    assert ACCURACY.total(logits[:2], labels[:2]).item() == per_episode[0] + per_episode[1]
     plain = Metric(lambda out, y: float(out.sum() - y.sum()), "plain", higher_is_better=False)  # no `values`
-    assert plain.scores(list(logits), list(labels)) == [float(o.sum() - y.sum()) for o, y in zip(logits, labels)]
-    assert plain.value(logits[0], labels[0]).dtype == torch.float64
+    plain_scores = [float(o.sum() - y.sum()) for o, y in zip(logits, labels)]
+    assert plain.scores(list(logits), list(labels)) == plain_scores
+    total = plain.total(logits[:2], labels[:2])
+    assert total.dtype == torch.float64 and total.item() == plain_scores[0] + plain_scores[1]
+
+
+@pytest.mark.parametrize("name", ["mse", "angular_error"])
+def test_regression_metrics_score_a_stack_of_episodes_as_one_at_a_time(name):
+    """Their `values` (a stack, on the device) give each episode's number, as the per-episode function."""
+    from simt.data.regression import angular_error, angular_error_values, mse, mse_values
+
+    fn, values = {"mse": (mse, mse_values), "angular_error": (angular_error, angular_error_values)}[name]
+    g = torch.Generator().manual_seed(0)
+    outputs, targets = torch.randn(4, 6, 2, generator=g), torch.randn(4, 6, 2, generator=g)
+    per_episode = [fn(out, y) for out, y in zip(outputs, targets)]
+    torch.testing.assert_close(values(outputs, targets), torch.tensor(per_episode, dtype=torch.float64),
+                               rtol=1e-15, atol=0)
+    assert Metric(fn, name, higher_is_better=False, values=values).scores(list(outputs), list(targets)) == \
+        pytest.approx(per_episode, rel=1e-15)
 
 
 @pytest.mark.parametrize("ragged", [False, True])

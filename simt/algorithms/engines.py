@@ -11,17 +11,19 @@
   batch where every image is processed on its own (ProtoNet's evaluation), or under torch.func.vmap over
   the task dimension (any other network: the conv regressor), with `ExactBatchNorm2d` (simt.models.batch_norm
   says why) and a dropout mask per task. Counted on a CPU, a Conv4 MAML + SiMT step of 4 tasks dispatches
-  4,713 ops against the loop's 14,076; the first version (vmap over each whole task, torch.func.grad
+  4,560 ops against the loop's 14,124; the first version (vmap over each whole task, torch.func.grad
   inside) dispatched about as many as the loop.
 - `auto`: `resolve_engine` picks one from the device.
 
 Every engine runs the same per-task code (`_task_outputs`: the learner's student and teacher outputs).
-The losses and statistics built from the outputs (simt.trainer.meta_batch_loss) are therefore one
-implementation for all engines.
+The losses and statistics built from the outputs (simt.trainer.meta_batch_loss) are one implementation for
+all engines too: it reads the outputs of tasks run together as one stack (`QueryOutputs`), one task per
+stack in the loop, the whole meta-batch in one with `batched`, and sums over the stack (`sum_over_tasks`).
 """
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +38,23 @@ from simt.models.task_folding import fold, folded_tasks, unfold
 INNER_STEPS: dict[str, InnerStep] = {"loop": sgd_step, "batched": sgd_step, "higher": higher_sgd_step}
 ENGINES = ("auto", *INNER_STEPS)
 # Task losses that average a per-sample loss over all their samples (F.cross_entropy, F.mse_loss; a function of
-# ours says so with `loss.mean_over_samples = True`): the batched engine computes the stacked tasks' losses in
-# one call (3 ops; under vmap, 18). Any other loss runs under vmap over the tasks.
+# ours says so with `loss.mean_over_samples = True`): `sum_over_tasks` computes a stack of tasks' losses in one
+# call (3 ops; under vmap, 18). Any other loss runs under vmap over the tasks.
 MEAN_OVER_SAMPLES = (F.cross_entropy, F.mse_loss)
+
+
+def sum_over_tasks(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor,
+                   **kwargs) -> torch.Tensor:
+    """The sum over a stack of tasks (leading dimension) of loss_fn(task outputs, task targets, **kwargs)."""
+    count = len(outputs)
+    if loss_fn in MEAN_OVER_SAMPLES or getattr(loss_fn, "mean_over_samples", False):
+        # Every task has as many samples, so the sum of the task means is `count` times the mean of all.
+        mean = loss_fn(outputs.flatten(0, 1), targets.flatten(0, 1), **kwargs)
+        return mean if count == 1 else mean * count
+    if count == 1:
+        return loss_fn(outputs[0], targets[0], **kwargs)
+    return torch.func.vmap(lambda task_outputs, task_targets: loss_fn(task_outputs, task_targets, **kwargs))(
+        outputs, targets).sum()
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
@@ -56,17 +72,25 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     return engine
 
 
-def meta_batch_outputs(learner, theta: Params, target,
-                       tasks: list[Task]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per task, (student query outputs, teacher query outputs or None without a momentum target).
+class QueryOutputs(NamedTuple):
+    """The query set of tasks run together: every tensor has a leading task dimension."""
 
-    `learner.engine` (a resolved name) chooses how: task by task, or all tasks at once as one stacked task.
+    targets: torch.Tensor
+    student: torch.Tensor
+    teacher: torch.Tensor | None  # None without a momentum target
+
+
+def meta_batch_outputs(learner, theta: Params, target, tasks: list[Task]) -> list[QueryOutputs]:
+    """The student's (and the momentum target's) query outputs on `tasks`, one stack per run of the engine.
+
+    `learner.engine` (a resolved name) chooses how: task by task (a stack of one per task), or all tasks at
+    once (one stack of them all): the losses and statistics are then computed once per stack, not per task.
     """
     if learner.engine != "batched":
-        return [_task_outputs(learner, theta, target, task) for task in tasks]
+        return [QueryOutputs(*(None if t is None else t.unsqueeze(0) for t in
+                               (task.query_y, *_task_outputs(learner, theta, target, task)))) for task in tasks]
     with _tasks_at_once(learner, tasks) as stacked:
-        student, teacher = _task_outputs(learner, theta, target, stacked)
-    return list(zip(student.unbind(0), teacher.unbind(0) if teacher is not None else [None] * len(tasks)))
+        return [QueryOutputs(stacked.query_y, *_task_outputs(learner, theta, target, stacked))]
 
 
 def batched_eval_outputs(learner, params: Params, tasks: list[Task]) -> list[torch.Tensor]:
@@ -113,9 +137,9 @@ class TaskBatch:
     weights it does not adapt stay single and are shared. `forward` runs the model on all tasks in one pass:
     as one ordinary batch when every task uses the same weights and every image is processed on its own
     (evaluation with running BatchNorm statistics: ProtoNet's); else folded into its channels
-    (simt.models.task_folding) where the model allows it; else under vmap over the task dimension. `loss`
-    sums the per-task losses, whose gradient with respect to the stacked weights is each task's own
-    gradient (the tasks share nothing), so torch.autograd.grad runs on the sum as in the loop.
+    (simt.models.task_folding) where the model allows it; else under vmap over the task dimension. The inner
+    loop's loss is the sum of the task losses (`sum_over_tasks`), whose gradient with respect to the stacked
+    weights is each task's own gradient (the tasks share nothing): torch.autograd.grad runs on the sum.
     BatchNorm running statistics are recorded per task and applied by `apply_statistics`, afterwards, task by
     task in the loop's order.
     """
@@ -159,14 +183,6 @@ class TaskBatch:
         if cached is None:  # the cache holds x itself, so no other tensor can take its id meanwhile
             cached = self._folded_inputs[id(x)] = (x, fold(x))
         return cached[1]
-
-    def loss(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], outputs: torch.Tensor,
-             targets: torch.Tensor) -> torch.Tensor:
-        """The sum over the tasks of loss_fn(task outputs, task targets)."""
-        if loss_fn in MEAN_OVER_SAMPLES or getattr(loss_fn, "mean_over_samples", False):
-            # Every task has as many samples, so the sum of the T task means is T times the mean of all.
-            return loss_fn(outputs.flatten(0, 1), targets.flatten(0, 1)) * self.count
-        return torch.func.vmap(loss_fn)(outputs, targets).sum()
 
     def apply_statistics(self) -> None:
         self.statistics.apply(self.statistics.values)

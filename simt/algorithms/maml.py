@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simt.algorithms.engines import INNER_STEPS, StackedTasks, resolve_engine
+from simt.algorithms.engines import INNER_STEPS, StackedTasks, resolve_engine, sum_over_tasks
 from simt.algorithms.inner_loop import InnerStep, Params, adapt
 from simt.data.tasks import Task
 from simt.models import set_dropout
@@ -117,8 +117,8 @@ class GradientLearner(StackedTasks):
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The support loss the inner loop descends: per task, or summed over stacked tasks."""
-        return self.task_loss(outputs, targets) if self._tasks is None else self._tasks.loss(self.task_loss, outputs,
-                                                                                             targets)
+        return self.task_loss(outputs, targets) if self._tasks is None else sum_over_tasks(self.task_loss, outputs,
+                                                                                           targets)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict()}

@@ -382,16 +382,29 @@ def angular_error_degrees(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return out.to(pred.dtype if pred.is_floating_point() else torch.float32)
 
 
+def angular_error_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean angular error in degrees of every episode of a stack: (..., N, 2) -> (...,) float64, on the
+    outputs' device (no host sync)."""
+    return angular_error_degrees(outputs, targets).double().mean(dim=-1)
+
+
 def angular_error(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean angular error in degrees (ShapeNet1D's reported metric; lower is better)."""
-    return angular_error_degrees(outputs, targets).double().mean().item()
+    return angular_error_values(outputs, targets).item()
+
+
+def mse_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the elements of every episode of a stack: (..., N, D) -> (...,) float64, on
+    the outputs' device (no host sync)."""
+    if outputs.shape != targets.shape:
+        raise ValueError(f"mse: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ")
+    return (outputs.detach().double() - targets.detach().double()).square().flatten(-2).mean(dim=-1)
 
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean squared error over all elements (Pascal1D's metric, ``nn.MSELoss``; lower is better)."""
-    if outputs.shape != targets.shape:
-        raise ValueError(f"mse: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ")
-    return torch.nn.functional.mse_loss(outputs.detach().double(), targets.detach().double()).item()
+    """Mean squared error over all elements of one episode's (N, D) outputs (Pascal1D's metric,
+    ``nn.MSELoss``; lower is better)."""
+    return mse_values(outputs, targets).item()
 
 
 def azimuth_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -675,11 +688,12 @@ def regression_dataset(name: str, root: str | os.PathLike, image_size: int = 128
 
     if name == "shapenet1d":
         return _as_dataset(load_shapenet1d(root, image_size=image_size), name, loss=azimuth_loss,
-                           metric=Metric(angular_error, "angular_error", higher_is_better=False),
+                           metric=Metric(angular_error, "angular_error", higher_is_better=False,
+                                         values=angular_error_values),
                            output_activation="tanh")
     if name == "pascal1d":
         return _as_dataset(load_pascal1d(root, ("train", "val", "test"), image_size=image_size), name,
-                           loss=torch.nn.functional.mse_loss, metric=Metric(mse, "mse", higher_is_better=False))
+                           loss=torch.nn.functional.mse_loss, metric=Metric(mse, "mse", higher_is_better=False, values=mse_values))
     raise DataError(None, f"regression dataset {name!r}: expected shapenet1d or pascal1d")
 
 
@@ -690,4 +704,4 @@ def kanji_pose_dataset(split_classes: Mapping[str, int], samples_per_object: int
 
     splits = kanji_pose(dict(split_classes), samples_per_object, image_size, seed, progress=sys.stderr.isatty())
     return _as_dataset(splits, "kanji_pose", loss=torch.nn.functional.mse_loss,
-                       metric=Metric(mse, "mse", higher_is_better=False))
+                       metric=Metric(mse, "mse", higher_is_better=False, values=mse_values))
