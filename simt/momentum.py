@@ -8,8 +8,8 @@ dict, so one implementation serves every learner.
 import torch
 import torch.nn.functional as F
 
-from simt.algorithms.engines import sum_over_tasks
 from simt.algorithms.inner_loop import Params
+from simt.losses import sum_over_tasks
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl * temp**2 / student_logits.shape[0]
 
 
-distillation_kl.mean_over_samples = True  # type: ignore[attr-defined]  # (engines.sum_over_tasks)
+distillation_kl.mean_over_samples = True  # type: ignore[attr-defined]  # (simt.losses.sum_over_tasks)
 
 
 def distillation_mse(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, temp: float) -> torch.Tensor:

@@ -11,9 +11,10 @@ import torch
 from tqdm import tqdm
 
 from simt import checkpoint, distributed
-from simt.algorithms.engines import meta_batch_outputs, sum_over_tasks
+from simt.algorithms.engines import meta_batch_outputs
 from simt.data.tasks import TaskSampler
 from simt.evaluator import ACCURACY, Metric
+from simt.losses import sum_over_tasks
 from simt.momentum import MomentumTarget
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,16 @@ def _summed_loss(learner, target: MomentumTarget | None, tasks, metric: Metric,
 
     The query outputs come from the learner's engine (simt.algorithms.engines: task by task, or all tasks
     at once), as stacks of tasks; losses and statistics are computed here, once per stack, the same for every
-    engine (a loss that is a mean over samples in one call for the whole stack: engines.sum_over_tasks)."""
+    engine (a loss that is a mean over samples in one call for the whole stack: simt.losses)."""
     total = 0.0
-    for targets, student_out, teacher_out in meta_batch_outputs(learner, learner.meta_parameters(), target, tasks):
-        task_loss = sum_over_tasks(learner.task_loss, student_out, targets)
-        loss, sums = task_loss, {"task_loss": task_loss.detach(), "distill_loss": task_loss.new_zeros(()),
-                                 metric.name: metric.total(student_out.detach(), targets)}
+    for stack in meta_batch_outputs(learner, learner.meta_parameters(), target, tasks):
+        task_losses = sum_over_tasks(learner.task_loss, stack.student, stack.targets)
+        loss, sums = task_losses, {"task_loss": task_losses.detach(), "distill_loss": task_losses.new_zeros(()),
+                                   metric.name: metric.total(stack.student.detach(), stack.targets)}
         if target is not None:
-            loss, distill = target.loss(task_loss, student_out, teacher_out)
+            loss, distill = target.loss(task_losses, stack.student, stack.teacher)
             sums["distill_loss"] = distill.detach()
-            sums[f"target_{metric.name}"] = metric.total(teacher_out, targets)
+            sums[f"target_{metric.name}"] = metric.total(stack.teacher, stack.targets)
         stats.add(sums)
         total = total + loss
     return total
@@ -98,7 +99,7 @@ class _StatsMean:
         self.sums.append(sums)
 
     def means(self, *extra: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-        """(the `extra` values as numbers, the mean of each statistic), summed stack by stack in float64."""
+        """(the `extra` values as numbers, the mean of each statistic), the stacks' sums added in float64."""
         tensors = [value for sums in self.sums for value in sums.values()] + list(extra)
         numbers = iter(torch.stack([t.to(torch.float64).reshape(()) for t in tensors]).tolist())  # all detached
         means: dict[str, float] = {}

@@ -18,11 +18,12 @@ from torch.func import functional_call
 from benchmarks.bench import count_ops
 from simt import pipeline
 from simt.algorithms import GradientLearner, MetaSGD, ProtoNet, engines
-from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine, sum_over_tasks
+from simt.algorithms.engines import TaskBatch, meta_batch_outputs, resolve_engine
 from simt.algorithms.inner_loop import sgd_step
 from simt.data.tasks import Task
-from simt.data.regression import mse
+from simt.data.regression import mse, mse_values
 from simt.evaluator import Metric
+from simt.losses import sum_over_tasks
 from simt.models import Conv4, ConvRegressor, ResNet12
 from simt.models.batch_norm import ExactBatchNorm2d, exact_batch_norm
 from simt.models.task_folding import FoldedBatchNorm2d, FoldedConv2d, FoldedLinear, fold, folded_tasks, unfold
@@ -126,13 +127,15 @@ def test_engine_gives_the_loops_meta_gradient_and_statistics(engine, algo, backb
         assert all(not torch.equal(reference_buffers[f"student.{k}"], v) for k, v in initial.items())
 
 
-def test_batched_engine_on_the_conv_regressor_with_mse():
-    """Regression: float targets differ per task (they enter vmap batched); D is the MSE to the teacher."""
+@pytest.mark.parametrize("stack_scores", [True, False])
+def test_batched_engine_on_the_conv_regressor_with_mse(stack_scores):
+    """Regression: float targets differ per task (they enter vmap batched); D is the MSE to the teacher. The
+    metric scores a stack of tasks on the device (`values`, as the data sets' metrics) or task by task."""
     g = torch.Generator().manual_seed(0)
     images = lambda n: torch.rand(n, 1, 16, 16, generator=g, dtype=F64)  # noqa: E731
     targets = lambda n: torch.rand(n, 2, generator=g, dtype=F64) * 2 - 1  # noqa: E731  (cos, sin)-like
     tasks = [Task(images(4), targets(4), images(6), targets(6)) for _ in range(2)]
-    metric = Metric(mse, "mse", higher_is_better=False)
+    metric = Metric(mse, "mse", higher_is_better=False, values=mse_values if stack_scores else None)
     results = {}
     for engine in ("loop", "batched", "higher"):
         torch.manual_seed(0)

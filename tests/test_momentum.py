@@ -68,6 +68,22 @@ def test_mse_distillation():
     torch.testing.assert_close(distillation_mse(a, b, 4.0), ((a - b) ** 2).mean())
 
 
+@pytest.mark.parametrize("distillation", ["kl", "mse"])
+def test_the_loss_of_a_stack_of_tasks_is_the_sum_of_their_losses(distillation):
+    """MomentumTarget.loss takes the outputs of tasks run together (leading task dimension) and the sum of
+    their task losses, and returns the sums of the per-task totals and distillations."""
+    g = torch.Generator().manual_seed(0)
+    target = MomentumTarget(_student(), ["w", "b"], {}, eta=0.9, lam=0.3, temp=4.0, distillation=distillation)
+    student_out, teacher_out = (torch.randn(3, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    task_losses = torch.rand(3, generator=g, dtype=torch.float64)
+    total, distill = target.loss(task_losses.sum(), student_out, teacher_out)
+    per_task = [target.loss(loss, s[None], t[None]) for loss, s, t in zip(task_losses, student_out, teacher_out)]
+    torch.testing.assert_close(total, sum(t for t, _ in per_task), rtol=1e-12, atol=0)
+    torch.testing.assert_close(distill, sum(d for _, d in per_task), rtol=1e-12, atol=0)
+    torch.testing.assert_close(distill, sum(target.distill(s, t, 4.0) for s, t in zip(student_out, teacher_out)),
+                               rtol=1e-12, atol=0)
+
+
 def test_distillation_gradient_reaches_the_student_only():
     student = _student()
     target = MomentumTarget(student, ["w", "b"], {}, eta=0.9, lam=1.0, temp=4.0)

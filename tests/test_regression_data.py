@@ -272,6 +272,8 @@ def test_metric_functions():
     assert R.mse(out, y) == pytest.approx(2.5) and isinstance(R.mse(out, y), float)
     with pytest.raises(ValueError):
         R.mse(out, y[:, 0])
+    with pytest.raises(ValueError, match=r"\(\.\.\., N, D\)"):  # one episode is (N, D): a vector is refused
+        R.mse(out[:, 0], y[:, 0])
     out2 = torch.tensor([[0.0, 1.0], [1.0, 1.0]], requires_grad=True)
     loss = R.azimuth_loss(out2, torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
     assert loss.item() == pytest.approx(1.0)  # (1 + 1) / 2 samples

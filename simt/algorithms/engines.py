@@ -18,7 +18,7 @@
 Every engine runs the same per-task code (`_task_outputs`: the learner's student and teacher outputs).
 The losses and statistics built from the outputs (simt.trainer.meta_batch_loss) are one implementation for
 all engines too: it reads the outputs of tasks run together as one stack (`QueryOutputs`), one task per
-stack in the loop, the whole meta-batch in one with `batched`, and sums over the stack (`sum_over_tasks`).
+stack in the loop, the whole meta-batch in one with `batched`, and sums over the stack (simt.losses.sum_over_tasks).
 """
 import dataclasses
 from collections.abc import Callable, Iterator
@@ -26,37 +26,17 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from simt.algorithms.inner_loop import InnerStep, Params, higher_sgd_step, sgd_step
 from simt.data.tasks import Task
+from simt.losses import sum_over_tasks
 from simt.models.batch_norm import RunningStatistics, exact_batch_norm
 from simt.models.task_folding import fold, folded_tasks, unfold
 
 INNER_STEPS: dict[str, InnerStep] = {"loop": sgd_step, "batched": sgd_step, "higher": higher_sgd_step}
 ENGINES = ("auto", *INNER_STEPS)
-# Task losses that average a per-sample loss over all their samples (F.cross_entropy, F.mse_loss; a function of
-# ours says so with `loss.mean_over_samples = True`): `sum_over_tasks` computes a stack of tasks' losses in one
-# call (3 ops; under vmap, 18). Any other loss runs under vmap over the tasks.
-MEAN_OVER_SAMPLES = (F.cross_entropy, F.mse_loss)
-
-
-def sum_over_tasks(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor, targets: torch.Tensor,
-                   **kwargs) -> torch.Tensor:
-    """The sum over a stack of tasks (leading dimension) of loss_fn(task outputs, task targets, **kwargs)."""
-    count = len(outputs)
-    if loss_fn in MEAN_OVER_SAMPLES or getattr(loss_fn, "mean_over_samples", False):
-        # Every task has as many samples, so the sum of the task means is `count` times the mean of all.
-        mean = loss_fn(outputs.flatten(0, 1), targets.flatten(0, 1), **kwargs)
-        return mean if count == 1 else mean * count
-    if count == 1:
-        return loss_fn(outputs[0], targets[0], **kwargs)
-    return torch.func.vmap(lambda task_outputs, task_targets: loss_fn(task_outputs, task_targets, **kwargs))(
-        outputs, targets).sum()
-
-
 def resolve_engine(engine: str, device: torch.device) -> str:
     """The engine `auto` stands for on `device`; any other valid name is returned as it is.
 
@@ -87,8 +67,7 @@ def meta_batch_outputs(learner, theta: Params, target, tasks: list[Task]) -> lis
     once (one stack of them all): the losses and statistics are then computed once per stack, not per task.
     """
     if learner.engine != "batched":
-        return [QueryOutputs(*(None if t is None else t.unsqueeze(0) for t in
-                               (task.query_y, *_task_outputs(learner, theta, target, task)))) for task in tasks]
+        return [_stack_of_one(task.query_y, *_task_outputs(learner, theta, target, task)) for task in tasks]
     with _tasks_at_once(learner, tasks) as stacked:
         return [QueryOutputs(stacked.query_y, *_task_outputs(learner, theta, target, stacked))]
 
@@ -201,6 +180,10 @@ def _tasks_at_once(learner, tasks: list[Task]) -> Iterator[Task]:
 def _task_outputs(learner, theta: Params, target, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
     student = learner.student_outputs(theta, task)
     return student, learner.teacher_outputs(target.params, task) if target is not None else None
+
+
+def _stack_of_one(targets: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor | None) -> QueryOutputs:
+    return QueryOutputs(targets.unsqueeze(0), student.unsqueeze(0), None if teacher is None else teacher.unsqueeze(0))
 
 
 def _stacked(tasks: list[Task]) -> Task:

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simt.algorithms.engines import INNER_STEPS, StackedTasks, resolve_engine, sum_over_tasks
+from simt.algorithms.engines import INNER_STEPS, StackedTasks, resolve_engine
 from simt.algorithms.inner_loop import InnerStep, Params, adapt
 from simt.data.tasks import Task
+from simt.losses import sum_over_tasks
 from simt.models import set_dropout
 
 ADAPT_SCOPES = ("all", "head")

@@ -63,7 +63,7 @@ class ProtoNet(StackedTasks):
         """The target keeps its own BN running statistics, updated by its own forward passes."""
         return dict(self.model.named_buffers())
 
-    task_loss = staticmethod(F.cross_entropy)  # itself: engines.sum_over_tasks knows it is a mean over samples
+    task_loss = staticmethod(F.cross_entropy)  # itself: simt.losses.sum_over_tasks knows it is a mean over samples
 
     def student_outputs(self, params: Params, task: Task) -> torch.Tensor:
         self.model.train()

@@ -396,8 +396,9 @@ def angular_error(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 def mse_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the elements of every episode of a stack: (..., N, D) -> (...,) float64, on
     the outputs' device (no host sync)."""
-    if outputs.shape != targets.shape:
-        raise ValueError(f"mse: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ")
+    if outputs.shape != targets.shape or outputs.dim() < 2:
+        raise ValueError(f"mse: expected outputs and targets of one (..., N, D) shape, got {tuple(outputs.shape)} "
+                         f"and {tuple(targets.shape)}")
     return (outputs.detach().double() - targets.detach().double()).square().flatten(-2).mean(dim=-1)
 
 
@@ -416,7 +417,7 @@ def azimuth_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # The trainer/evaluator can read the objective direction from the metric itself.
 angular_error.higher_is_better = False  # type: ignore[attr-defined]
 mse.higher_is_better = False  # type: ignore[attr-defined]
-# A mean over samples: the batched engine may compute several tasks' losses in one call (simt.algorithms.engines).
+# A mean over samples: the batched engine may compute several tasks' losses in one call (simt.losses).
 azimuth_loss.mean_over_samples = True  # type: ignore[attr-defined]
 
 
@@ -693,7 +694,8 @@ def regression_dataset(name: str, root: str | os.PathLike, image_size: int = 128
                            output_activation="tanh")
     if name == "pascal1d":
         return _as_dataset(load_pascal1d(root, ("train", "val", "test"), image_size=image_size), name,
-                           loss=torch.nn.functional.mse_loss, metric=Metric(mse, "mse", higher_is_better=False, values=mse_values))
+                           loss=torch.nn.functional.mse_loss,
+                           metric=Metric(mse, "mse", higher_is_better=False, values=mse_values))
     raise DataError(None, f"regression dataset {name!r}: expected shapenet1d or pascal1d")
 
 
