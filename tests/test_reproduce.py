@@ -1,6 +1,7 @@
 """`make reproduce-table`: presets, the plan, a tiny grid end to end, skipping finished runs on a re-run,
 and the paper preset's plan on fixture data."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,8 +49,16 @@ def test_bad_override_is_one_line_before_anything_runs(override, message, capsys
     assert err.startswith(message) and err.count("\n") == 1
 
 
-def test_tiny_grid_writes_every_output_then_skips_finished_runs(tmp_path):
-    first = reproduce_cli("--preset", "smoke", "--out", str(tmp_path))
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory):
+    """`make reproduce-table PRESET=smoke` run once for this module (8 tiny runs, about half a minute): its
+    output folder and the command's result. Tests that change the folder work on a copy."""
+    out = tmp_path_factory.mktemp("smoke")
+    return out, reproduce_cli("--preset", "smoke", "--out", str(out))
+
+
+def test_tiny_grid_writes_every_output_then_skips_finished_runs(smoke_grid):
+    tmp_path, first = smoke_grid
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "8 runs" in first.stdout and "0 already finished, 8 to run" in first.stdout
     for name in ("table.md", "table.csv", "runs.csv", "gains.png", "curves.png"):
@@ -69,9 +78,11 @@ def test_tiny_grid_writes_every_output_then_skips_finished_runs(tmp_path):
     assert (tmp_path / "table.md").read_text() == table
 
 
-def test_a_failed_run_shows_as_failed(tmp_path):
+def test_a_failed_run_shows_as_failed(smoke_grid, tmp_path):
     # A run whose results.json is gone and whose checkpoint is corrupt fails on the re-run; the table says so.
-    assert reproduce_cli("--preset", "smoke", "--out", str(tmp_path)).returncode == 0
+    finished, first = smoke_grid
+    assert first.returncode == 0
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     (broken,) = (tmp_path / "runs").glob("algo=anil,seed=0,simt.enabled=[Tt]rue")
     (broken / "results.json").unlink()
     (broken / "last.pt").write_bytes(b"not a checkpoint")
