@@ -1,6 +1,5 @@
 """`make reproduce-table`: presets, the plan, a tiny grid end to end, skipping finished runs on a re-run,
 and the paper preset's plan on fixture data."""
-import json
 import shutil
 import signal
 import subprocess

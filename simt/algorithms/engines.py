@@ -21,7 +21,7 @@ all engines too: it reads the outputs of tasks run together as one stack (`Query
 stack in the loop, the whole meta-batch in one with `batched`, and sums over the stack (simt.losses.sum_over_tasks).
 """
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -31,12 +31,13 @@ from torch.func import functional_call
 
 from simt.algorithms.inner_loop import InnerStep, Params, higher_sgd_step, sgd_step
 from simt.data.tasks import Task
-from simt.losses import sum_over_tasks
 from simt.models.batch_norm import RunningStatistics, exact_batch_norm
 from simt.models.task_folding import fold, folded_tasks, unfold
 
 INNER_STEPS: dict[str, InnerStep] = {"loop": sgd_step, "batched": sgd_step, "higher": higher_sgd_step}
 ENGINES = ("auto", *INNER_STEPS)
+
+
 def resolve_engine(engine: str, device: torch.device) -> str:
     """The engine `auto` stands for on `device`; any other valid name is returned as it is.
 
