@@ -137,13 +137,19 @@ def test_a_chunk_of_episodes_is_scored_in_one_read_with_the_per_episode_numbers(
 
 @pytest.mark.parametrize("name", ["mse", "angular_error"])
 def test_regression_metrics_score_a_stack_of_episodes_as_one_at_a_time(name):
-    """Their `values` (a stack, on the device) give each episode's number, as the per-episode function."""
-    from simt.data.regression import angular_error, angular_error_values, mse, mse_values
+    """Their `values` (a stack, on the device) give each episode's number, as the per-episode function and an
+    independent per-episode computation (F.mse_loss in float64; the mean of the per-sample angles)."""
+    from simt.data.regression import angular_error, angular_error_degrees, angular_error_values, mse, mse_values
 
-    fn, values = {"mse": (mse, mse_values), "angular_error": (angular_error, angular_error_values)}[name]
+    fn, values, reference = {
+        "mse": (mse, mse_values, lambda out, y: torch.nn.functional.mse_loss(out.double(), y.double()).item()),
+        "angular_error": (angular_error, angular_error_values,
+                          lambda out, y: angular_error_degrees(out, y).double().mean().item()),
+    }[name]
     g = torch.Generator().manual_seed(0)
     outputs, targets = torch.randn(4, 6, 2, generator=g), torch.randn(4, 6, 2, generator=g)
     per_episode = [fn(out, y) for out, y in zip(outputs, targets)]
+    assert per_episode == pytest.approx([reference(out, y) for out, y in zip(outputs, targets)], rel=1e-12)
     torch.testing.assert_close(values(outputs, targets), torch.tensor(per_episode, dtype=torch.float64),
                                rtol=1e-15, atol=0)
     assert Metric(fn, name, higher_is_better=False, values=values).scores(list(outputs), list(targets)) == \
