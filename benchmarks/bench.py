@@ -154,7 +154,7 @@ def engine_step(exp, cfg, setting: Setting, precision: str = "fp32",
         meta_batch_backward(learner, target, tasks, precision=precision, tasks_per_backward=tasks_per_backward)
         optimizer.step()
         if target is not None:
-            target.update(learner.meta_parameters())
+            target.update(learner.meta_parameters(), step=1)  # a constant η: the step does not matter
     return step
 
 

@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -17,43 +18,101 @@ LOCK = "run.lock"  # held (flock) by the process training in the directory; the 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing or unreadable; the message names the file."""
+    """A checkpoint that is missing, unreadable, unwritable or does not fit this run; one line naming the file."""
 
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX). A write that
+    fails (a full disk, a read-only folder) leaves the previous file as it was and no temp file behind."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer, when a write under it failed
+        kept = "; the previous file is kept" if path.is_file() else ""
+        raise CheckpointError(f"checkpoint {path}: could not be written ({_write_failure(error)}){kept}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # gone already when the rename succeeded
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _write_failure(error: BaseException) -> str:
+    """Why a write failed, in words: the OSError behind it (torch's writer reports a failed write as a
+    RuntimeError about file positions, raised while handling the OSError), else the error's first line."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def load(path: Path) -> dict:
     """Load a checkpoint onto the CPU (RNG states must stay there; load_state_dict moves the weights).
 
-    Tensors and plain containers only (weights_only), so a crafted file cannot run code.
+    Tensors and plain containers only (weights_only): a file holding other objects is refused, since loading
+    them could run code. Every failure is a one-line CheckpointError naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torn or foreign file: say which and why in one line
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path}: could not be read ({error.strerror or error})") from None
+    except Exception as error:  # torn or foreign; torch's own text would advise weights_only=False: never repeat it
+        unsafe = _unsafe_globals(path) if isinstance(error, pickle.UnpicklingError) else []
+        if unsafe:
+            named = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
+            raise CheckpointError(f"checkpoint {path}: refused, it holds objects other than tensors and plain "
+                                  f"containers ({named}), and loading it could run code") from None
+        raise CheckpointError(f"checkpoint {path}: unreadable (not a checkpoint written by this tool, or damaged: "
+                              f"{type(error).__name__})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path}: unreadable (not a checkpoint written by this tool: it holds a "
+                              f"{type(payload).__name__}, not a dict)")
+    return payload
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a torch.save file names beyond tensors and plain containers, read from the
+    pickle's opcodes without running any; [] when there are none or the file is no torch.save archive."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # damaged or foreign in its own way: the caller reports the file as unreadable
+        return []
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around restoring state from the checkpoint at `path`: one that does not fit this run (a missing key, tensors
+    of other shapes, e.g. a last.pt of a run with another backbone.hidden) becomes a one-line CheckpointError."""
+    try:
+        yield
+    except (CheckpointError, torch.cuda.OutOfMemoryError):
+        raise  # already one line; not the checkpoint's fault
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path}: does not fit this run (missing key {error})") from None
+    except (RuntimeError, ValueError, TypeError) as error:
+        # load_state_dict's text opens with "Error(s) in loading state_dict for X:", the first problem on the next line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else _first_line(error)
+        raise CheckpointError(f"checkpoint {path}: does not fit this run ({type(error).__name__}: {detail})") from None
 
 
 @contextlib.contextmanager

@@ -35,6 +35,26 @@ distillation_mse.mean_over_samples = True  # type: ignore[attr-defined]
 
 
 DISTILLATIONS = {"kl": distillation_kl, "mse": distillation_mse}
+ETA_SCHEDULES = ("constant", "warmup")
+# γ of the power-function profile (Karras et al.): 6.94 makes the average's relative width σ_rel = 0.10, i.e. the
+# target averages roughly the last tenth of the steps taken so far.
+WARMUP_GAMMA = 6.94
+
+
+def momentum_at(step: int, eta: float, schedule: str) -> float:
+    """η_t, the momentum of the update after outer step `step` (1, 2, ...).
+
+    `constant`: η at every step (the paper and the official code). `warmup`: the power-function EMA of Karras
+    et al. (2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", Sec. 3.1),
+    η_t = (1 - 1/t)^(γ+1), capped at η: from step 1 (η_1 = 0, the target is the student) it averages a fixed
+    fraction of the run so far, until η_t reaches η (step 1,585 for η = 0.995, about (γ+1)/(1-η)) and stays
+    there. Chosen over Mean Teacher's min(η, 1 - 1/(t+1)), which weighs every step so far equally and so
+    lags half the run behind, and over timm's 1 - (1 + t/γ)^-p, whose two constants are tuned for runs of
+    tens of thousands of steps. A function of the step alone, so a resumed run continues it exactly.
+    """
+    if schedule == "constant":
+        return eta
+    return min(eta, (1.0 - 1.0 / step) ** (WARMUP_GAMMA + 1))
 
 
 class MomentumTarget:
@@ -45,27 +65,30 @@ class MomentumTarget:
         keys: which entries of θ are averaged (the learner's `momentum_keys`).
         buffers: state the target keeps for itself (ProtoNet's BN running statistics), copied once.
         eta: η, the momentum; 0 copies the student every step, 1 freezes the target.
+        eta_schedule: "constant" (η at every step) or "warmup" (η_t grows to η: `momentum_at`).
         lam: λ, the weight of the distillation term in the outer loss.
         temp: T, the distillation temperature (classification).
         distillation: "kl" (classification) or "mse" (regression).
     """
 
     def __init__(self, student: Params, keys: list[str], buffers: Params, eta: float, lam: float,
-                 temp: float, distillation: str = "kl"):
-        self.keys, self.eta, self.lam, self.temp = list(keys), eta, lam, temp
+                 temp: float, distillation: str = "kl", eta_schedule: str = "constant"):
+        if eta_schedule not in ETA_SCHEDULES:
+            raise ValueError(f"simt.eta_schedule={eta_schedule!r}: expected one of {', '.join(ETA_SCHEDULES)}")
+        self.keys, self.eta, self.lam, self.temp, self.eta_schedule = list(keys), eta, lam, temp, eta_schedule
         self.distill = DISTILLATIONS[distillation]
         self.params: Params = {k: student[k].detach().clone() for k in self.keys}
         self.params.update({k: v.detach().clone() for k, v in buffers.items()})
 
     @torch.no_grad()
-    def update(self, student: Params) -> None:
-        """θ_m <- η·θ_m + (1-η)·θ, i.e. θ_m + (1-η)·(θ - θ_m); call right after optimizer.step().
+    def update(self, student: Params, step: int) -> None:
+        """θ_m <- η_t·θ_m + (1-η_t)·θ, i.e. θ_m + (1-η_t)·(θ - θ_m); call right after optimizer step `step`.
 
         One multi-tensor lerp for every key (exact at η = 0 and η = 1), not two ops per key: a GPU step is
         bound by the ops it dispatches."""
         if self.keys:  # (a foreach op refuses empty lists)
             torch._foreach_lerp_([self.params[key] for key in self.keys], [student[key] for key in self.keys],
-                                 1.0 - self.eta)
+                                 1.0 - momentum_at(step, self.eta, self.eta_schedule))
 
     def loss(self, task_loss: torch.Tensor, student_out: torch.Tensor,
              teacher_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

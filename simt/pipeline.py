@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from simt import allocator, checkpoint, distributed
 from simt.algorithms.engines import ENGINES
@@ -26,7 +27,7 @@ from simt.checkpoint import CheckpointError
 from simt.data.safe_pickle import DataError
 from simt.data import FewShotDataset
 from simt.evaluator import evaluate, summarize
-from simt.momentum import MomentumTarget
+from simt.momentum import ETA_SCHEDULES, MomentumTarget
 from simt.sweeping import trial_reporter
 from simt.trainer import NonFiniteError, Trainer
 
@@ -52,47 +53,74 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # parameters and losses are float32: a larger number is inf there
+SEED_MAX = 2**63 - 1  # torch and numpy seeds are 64-bit
+CORES = os.cpu_count() or 1
+
+
+def _int_in(low: int, high: int, why: str = ""):
+    """(check, expected) for an integer in low..high; `why` says what a larger value would cost."""
+    return (lambda v: _is_int(v) and low <= v <= high,
+            f"an integer in {low}..{high:,}" + (f" ({why})" if why else ""))
+
+
+def _positive_float32(v) -> bool:
+    return _is_number(v) and 0 < v <= FLOAT32_MAX
+
+
+def _in_unit_interval(v) -> bool:
+    return _is_number(v) and 0 <= v <= 1
+
+
 # key -> (check, what was expected). Keys absent from the config (e.g. inner_lr for ProtoNet) are skipped.
+# Upper bounds keep a typo from asking for terabytes or years: each names what a larger value would cost.
 RULES = {
-    "seed": (_is_int, "an integer"),
+    "seed": _int_in(0, SEED_MAX),
+    "data_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty folder path"),
     "mode": (lambda v: v in ("train", "eval"), "one of train, eval"),
     "simt.enabled": (lambda v: isinstance(v, bool), "true or false"),
-    "simt.eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "simt.lam": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "simt.eta": (_in_unit_interval, "a number in [0, 1]"),
+    "simt.eta_schedule": (lambda v: v in ETA_SCHEDULES, f"one of {', '.join(ETA_SCHEDULES)}"),
+    "simt.lam": (_in_unit_interval, "a number in [0, 1]"),
     "simt.drop_p": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "simt.temp": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "task.ways": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "task.shots": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "task.queries": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "task.meta_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "simt.temp": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "task.ways": _int_in(2, 10_000),
+    "task.shots": _int_in(1, 10_000),
+    "task.queries": _int_in(1, 10_000),
+    "task.meta_batch_size": _int_in(1, 1024, "1,024 tasks of 5 ways x 16 images at 84x84x3 are 6.9 GB of "
+                                             "images alone"),
     "task.min_shots": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "algo.inner_lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "algo.inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "algo.eval_inner_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "algo.train_ways": (lambda v: v is None or (_is_int(v) and v >= 2), "null or an integer >= 2"),
+    "algo.inner_lr": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "algo.inner_steps": _int_in(0, 1000, "a second-order step keeps its activations in memory"),
+    "algo.eval_inner_steps": _int_in(0, 1000),
+    "algo.train_ways": (lambda v: v is None or (_is_int(v) and 2 <= v <= 10_000), "null or an integer in 2..10,000"),
     "algo.first_order": (lambda v: isinstance(v, bool), "true or false"),
     "algo.adapt_scope": (lambda v: v in ADAPT_SCOPES, f"one of {', '.join(ADAPT_SCOPES)}"),
     "algo.lr_shape": (lambda v: v in LR_SHAPES, f"one of {', '.join(LR_SHAPES)}"),
     "algo.engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
-    "dataset.instances": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "dataset.image_size": (lambda v: _is_int(v) and v >= 16, "an integer >= 16 (Conv4 max-pools 4 times)"),
-    "backbone.hidden": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "trainer.eval_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.checkpoint_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    # eval_tasks first: the default val_tasks is computed from it.
-    "trainer.eval_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
-    "trainer.val_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a CI needs two episodes)"),
-    "trainer.episode_seed": (_is_int, "an integer"),
+    "dataset.seed": _int_in(0, SEED_MAX),
+    "dataset.instances": _int_in(2, 10_000),
+    "dataset.image_size": _int_in(16, 1024, "Conv4 max-pools 4 times; a 1024x1024 image's first activations "
+                                            "take 268 MB at 64 channels"),
+    "backbone.hidden": _int_in(1, 4096, "a 4096-channel 3x3 convolution holds 604 MB of weights"),
+    "trainer.steps": _int_in(1, 10**9),
+    "trainer.lr": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "trainer.eval_every": _int_in(1, 10**9),
+    "trainer.checkpoint_every": _int_in(1, 10**9),
+    # eval_tasks first: the default val_tasks is computed from it. Two episodes at least: a CI needs two.
+    "trainer.eval_tasks": _int_in(2, 10**6, "a million episodes take hours on a GPU"),
+    "trainer.val_tasks": _int_in(2, 10**6, "a million episodes take hours on a GPU"),
+    "trainer.episode_seed": _int_in(0, SEED_MAX),
     "trainer.resume": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
                        "auto, cpu, cuda or cuda:N"),
-    "trainer.threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "trainer.threads": (lambda v: v is None or (_is_int(v) and 1 <= v <= CORES),
+                        f"null or an integer in 1..{CORES} (the cores of this machine)"),
     "trainer.progress": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "trainer.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
-    "trainer.eval_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or an integer >= 1"),
-    "trainer.tasks_per_backward": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "trainer.eval_batch": (lambda v: v == "auto" or (_is_int(v) and 1 <= v <= 4096), "auto or an integer in 1..4,096"),
+    "trainer.tasks_per_backward": (lambda v: v is None or (_is_int(v) and 1 <= v <= 1024),
+                                   "null or an integer in 1..1,024"),
     "trainer.data_on_device": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "trainer.keep_freed_memory": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
 }
@@ -117,8 +145,8 @@ def check_config(cfg: DictConfig) -> None:
     # Embedded data sets declare their size, so task shapes are checked before anything is built.
     if "split_classes" in cfg.dataset:
         for split, classes in cfg.dataset.split_classes.items():
-            if not _is_int(classes) or classes < 1:
-                raise ConfigError(f"dataset.split_classes.{split}", classes, "an integer >= 1")
+            if not _is_int(classes) or not 1 <= classes <= 100_000:
+                raise ConfigError(f"dataset.split_classes.{split}", classes, "an integer in 1..100,000")
         per_class = cfg.dataset.get("instances") or cfg.dataset.get("samples_per_object")
         _check_task_fits(cfg, dict(cfg.dataset.split_classes), per_class, cfg.dataset._target_.split(".")[-2],
                          regression="samples_per_object" in cfg.dataset)
@@ -151,26 +179,43 @@ def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: 
                           f"at most {instances} (images in the smallest class or object of dataset {dataset})")
 
 
-def check_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject bad command-line overrides in one line, before Hydra (whose messages span several lines).
+def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject a bad command line in one line before Hydra starts: Hydra's own messages span several lines,
+    and it creates the run directory (and its log) before the run could check its config.
 
-    Group options are checked for plain values and comma-separated sweeps (`algo=maml,anil`); for a
-    single run the overrides are also composed, so unknown keys and parse errors surface here too.
-    Sweep functions such as choice(...) are left to Hydra.
+    Group options are checked for plain values and comma-separated sweeps (`algo=maml,anil`). A single run's
+    overrides are composed and the whole config checked (check_config), and its run directory must be one
+    this user can create. Sweeps check their search space themselves (simt.sweeping), before any trial runs.
     """
     _check_group_options(argv, conf_dir)
+    overrides = [arg for arg in argv if not arg.startswith("-")]
     if any(arg in ("-m", "--multirun") for arg in argv):
+        for arg in overrides:
+            if arg.startswith("hydra.sweep.dir=") and "$" not in arg:
+                _check_writable("hydra.sweep.dir", arg.partition("=")[2])
         return
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except HydraException as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise OverrideError(" ".join(lines[:2])) from None
+    _check_writable("hydra.run.dir", cfg.hydra.run.dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    check_config(cfg)
+
+
+def _check_writable(key: str, folder: str) -> None:
+    """The folder exists and is writable, or its nearest existing parent is a folder this user may write."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, folder, f"a folder this user can create and write ({existing} is "
+                                       f"{'not a folder' if not existing.is_dir() else 'not writable'})")
 
 
 class OverrideError(ValueError):
@@ -316,7 +361,8 @@ def build(cfg: DictConfig) -> Experiment:
     if cfg.simt.enabled:
         target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
                                 eta=cfg.simt.eta, lam=cfg.simt.lam, temp=cfg.simt.temp,
-                                distillation="mse" if dataset.regression else "kl")
+                                distillation="mse" if dataset.regression else "kl",
+                                eta_schedule=cfg.simt.get("eta_schedule", "constant"))  # absent from older configs
     return Experiment(dataset, learner, target, device, test_dataset)
 
 
@@ -356,11 +402,13 @@ def _progress(cfg: DictConfig) -> bool:
     return sys.stderr.isatty() if cfg.trainer.progress == "auto" else bool(cfg.trainer.progress)
 
 
-def _test(cfg: DictConfig, exp: Experiment, weights: dict) -> dict:
-    """Load `weights` (a best.pt payload) and score student and target on the fixed test episodes."""
-    exp.learner.load_state_dict(weights["learner"])
-    if exp.target is not None:
-        exp.target.load_state_dict(weights["target"])
+def _test(cfg: DictConfig, exp: Experiment, path: Path) -> dict:
+    """Load the weights of `path` (a best.pt) and score student and target on the fixed test episodes."""
+    weights = checkpoint.load(path)
+    with checkpoint.restoring(path):
+        exp.learner.load_state_dict(weights["learner"])
+        if exp.target is not None:
+            exp.target.load_state_dict(weights["target"])
     metric = exp.test_dataset.metric
     scores = _evaluate(cfg, exp, "test", cfg.trainer.eval_tasks, desc="test")
     reported = "target" if exp.target is not None else "student"
@@ -393,7 +441,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) -> float:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job_cfg, resolved = cfg, OmegaConf.to_container(cfg, resolve=True)
     finished = _finished_results(run_dir, cfg, resolved) if cfg.trainer.resume else None
     if finished:
         log.info("%s already finished with this config (hash %s): nothing to do", run_dir, finished["config_hash"])
@@ -401,16 +449,20 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
     last = run_dir / checkpoint.LAST
     payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
     if payload:
+        with checkpoint.restoring(last):
+            saved = payload["config"]
         kept = cfg.trainer.val_tasks
-        cfg, resolved = _validation_as_saved(cfg, payload["config"], resolved)
+        cfg, resolved = _validation_as_saved(cfg, saved, resolved)
         if kept != cfg.trainer.val_tasks and main:
             log.warning("trainer.val_tasks=%s: the run being resumed validates on %s episodes, and so will the rest "
                         "of it", kept, cfg.trainer.val_tasks)
-        _check_same_run(payload["config"], resolved, last)
+        _check_same_run(saved, resolved, last)
     elif cfg.trainer.resume and main:
         log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
 
     exp = build(cfg)
+    if main:
+        _record_config(run_dir, job_cfg)
     optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=cfg.trainer.lr)
     sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed,
                                                  min_shots=cfg.task.get("min_shots"))
@@ -431,7 +483,8 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
                       on_validation=trial_reporter(), precision=cfg.trainer.precision,
                       tasks_per_backward=cfg.trainer.get("tasks_per_backward"))
     if payload:
-        trainer.resume(payload)
+        with checkpoint.restoring(last):
+            trainer.resume(payload)
     log.info("training %s%s on %s, steps %d..%d, run dir %s", cfg.algo._target_.rsplit(".", 1)[-1],
              " + SiMT" if exp.target is not None else "", exp.device, trainer.state.step + 1, cfg.trainer.steps,
              run_dir)
@@ -443,7 +496,7 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
     if not main:  # rank 0 tests and writes the results; the other ranks' part is done
         return float("nan")
 
-    test = _test(cfg, exp, checkpoint.load(run_dir / checkpoint.BEST))
+    test = _test(cfg, exp, run_dir / checkpoint.BEST)
     results = {**{k: v for k, v in test.items() if k != "test_episodes"},
                "val/best": state.best_value, "val/best_step": state.best_step, "val/history": state.history,
                "objective": state.best_value,
@@ -456,6 +509,20 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
              test[f"test/{name}"], test[f"test/{name}_ci95"], test[f"test/student/{name}"], cfg.trainer.eval_tasks,
              run_dir / "results.json")
     return float(state.best_value)
+
+
+def _record_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Write .hydra/{config,hydra,overrides}.yaml, as Hydra would, once the run has its directory's lock, has
+    passed the resume checks and has built everything: conf/config.yaml turns Hydra's own copy off, which
+    it writes before any of those, so a refused process would overwrite a live run's record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # called from Python, not through run.py
+        return
+    hydra_cfg = HydraConfig.get()
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg})),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        write_atomic(run_dir / ".hydra" / name, OmegaConf.to_yaml(node))
 
 
 # Keys a resumed run may change: how long to train and how to run it, not what is trained.
@@ -482,7 +549,7 @@ def is_data_location(key: str) -> bool:
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they
 # are left out of the config hash and of resume checks, so upgrading does not orphan finished results.
-LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None}
+LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None, "simt.eta_schedule": "constant"}
 
 
 def config_hash(resolved: dict, with_roots: bool = False) -> str:
@@ -544,7 +611,7 @@ def resume_problem(cfg: DictConfig, run_dir: Path) -> str | None:
     if not last.is_file():
         return None
     try:
-        saved = checkpoint.load(last)["config"]
+        saved = checkpoint.load(last).get("config") or {}
         _, resolved = _validation_as_saved(cfg, saved, OmegaConf.to_container(cfg, resolve=True))
         _check_same_run(saved, resolved, last)
     except (ConfigError, CheckpointError) as error:
@@ -579,20 +646,72 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     path = path / checkpoint.BEST if path.is_dir() else path
     if not path.is_file():
         raise ConfigError("checkpoint", str(cfg.checkpoint), "a run directory containing best.pt, or a .pt file")
-    saved = checkpoint.load(path)
-    config = saved.get("config")
-    if not config:
-        raise ConfigError("checkpoint", str(path), "a checkpoint written by this tool (no config found beside it)")
-    saved_cfg = _data_found_in(OmegaConf.create(config), str(cfg.data_dir))
+    saved_cfg = _data_found_in(trusted_saved_config(checkpoint.load(path).get("config"), path), str(cfg.data_dir))
     saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress",
                                                               "eval_batch", "data_on_device")})
     exp = build(saved_cfg)
-    test = _test(saved_cfg, exp, saved)
+    _record_config(Path(run_dir), cfg)
+    test = _test(saved_cfg, exp, path)
     _write_json({**test, "checkpoint": str(path)}, Path(run_dir) / "eval_results.json")
     name = exp.test_dataset.metric.name
     log.info("test %s %s %.3f ± %.3f over %d episodes", test["reported_model"], name, test[f"test/{name}"],
              test[f"test/{name}_ci95"], saved_cfg.trainer.eval_tasks)
     return float(test[f"test/{name}"])
+
+
+# Hydra's instantiation keys: a config read from a file may name code with them, so it may only use `_target_`,
+# at the root of a config group, and only as one of the project's own options in conf/ name it.
+INSTANTIATION_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+BUILT_GROUPS = ("algo", "backbone", "dataset", "eval_dataset")
+
+
+def own_targets(conf_dir: Path = CONF_DIR) -> dict[str, set[str]]:
+    """group -> the `_target_`s that the group's options in conf/ name."""
+    targets: dict[str, set[str]] = {group: set() for group in BUILT_GROUPS}
+    for group in BUILT_GROUPS:
+        for path in (conf_dir / group).glob("*.yaml"):
+            target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+            if target:
+                targets[group].add(target)
+    return targets
+
+
+def trusted_saved_config(config, path: Path) -> DictConfig:
+    """The config saved in a checkpoint, once it is known to build only this project's own objects.
+
+    A checkpoint may come from anyone, and `build` instantiates whatever `_target_` a config names: a crafted
+    one could name `builtins.open` or `torch.load`. So every instantiation key must be a group's `_target_`
+    that one of conf/'s options names, no value may be an interpolation, and check_config must pass."""
+    if not isinstance(config, dict) or not config:
+        raise CheckpointError(f"checkpoint {path}: no config in it (expected a checkpoint written by this tool)")
+    allowed = own_targets()
+    for key, value in _leaves(config):
+        name = key.rsplit(".", 1)[-1]
+        group, _, rest = key.partition(".")
+        if name in INSTANTIATION_KEYS and not (rest == "_target_" and value in allowed.get(group, ())):
+            raise CheckpointError(f"checkpoint {path}: refused, its config sets {key}={value!r}, which is not one "
+                                  f"of this project's config options")
+        if isinstance(value, str) and "${" in value:
+            raise CheckpointError(f"checkpoint {path}: refused, its config has an interpolation at {key}")
+    saved = OmegaConf.create(config)
+    try:
+        check_config(saved)
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path}: refused, its config fails a check: {error}") from None
+    return saved
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted key, value) of every leaf of nested dicts and lists (list items keyed by their index), and of
+    every key itself, so a key named like `_target_` is seen whatever its value."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (dict, list)):
+            yield dotted, None
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
 
 
 def _data_found_in(saved: DictConfig, data_dir: str) -> DictConfig:
@@ -609,12 +728,17 @@ def _data_found_in(saved: DictConfig, data_dir: str) -> DictConfig:
     return saved
 
 
-def _write_json(payload: dict, path: Path) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename, so no reader ever sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def _write_json(payload: dict, path: Path) -> None:
+    write_atomic(path, json.dumps(payload, indent=1))
+
+
 __all__ = ["BuildError", "CheckpointError", "ConfigError", "DataError", "NonFiniteError", "OverrideError", "build", "check_config",
-           "check_overrides", "config_hash", "objective_direction", "run", "train_ways"]
+           "check_command_line", "config_hash", "objective_direction", "run", "train_ways"]

@@ -19,6 +19,8 @@ from simt.momentum import MomentumTarget
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # Trainer.fit saves last.pt and exits on these
+
 
 class NonFiniteError(RuntimeError):
     """The outer loss or the parameters stopped being finite; nothing non-finite was checkpointed."""
@@ -160,7 +162,8 @@ class Trainer:
         self._rank_rngs: list[dict] | None = None
 
     def fit(self) -> TrainState:
-        previous = signal.signal(signal.SIGTERM, self._request_stop)  # cluster preemption: save, then exit
+        # Cluster preemption (SIGTERM) and Ctrl-C (SIGINT): finish the step, save, then exit 128 + the signal.
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         main = distributed.is_main()  # torchrun: only rank 0 validates, logs and writes checkpoints
         self._start_ranks()
         bar = tqdm(total=self.steps, initial=self.state.step, desc="train", disable=not (self.progress and main))
@@ -169,7 +172,7 @@ class Trainer:
                 started = time.perf_counter()
                 loss, stats, stop = self._meta_step(step)
                 if self.target is not None:
-                    self.target.update(self.learner.meta_parameters())  # θ_m <- η·θ_m + (1-η)·θ
+                    self.target.update(self.learner.meta_parameters(), step)  # θ_m <- η_t·θ_m + (1-η_t)·θ
                 self.state.step = step
                 self._log(step, {"loss": loss, **stats, "step_time_s": time.perf_counter() - started})
                 if main and (step % self.eval_every == 0 or step == self.steps):
@@ -180,11 +183,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", best=self.state.best_value)
                 if stop:
                     signum = self._stop_signal or signal.SIGTERM  # another rank may have been the one signalled
-                    log.warning("signal %d: checkpoint saved at step %d, exiting", signum, step)
+                    log.warning("%s: checkpoint saved at step %d, exiting", signal.Signals(signum).name, step)
                     raise SystemExit(128 + signum)
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return self.state
 
     def _meta_step(self, step: int) -> tuple[float, dict[str, float], bool]:

@@ -76,7 +76,7 @@ def test_validation_uses_at_most_the_test_episodes_unless_set(overrides, val_tas
 
 
 def test_a_bad_test_episode_count_is_reported_before_the_validation_count_computed_from_it():
-    with pytest.raises(pipeline.ConfigError, match=r"^trainer.eval_tasks='many': expected an integer >= 2"):
+    with pytest.raises(pipeline.ConfigError, match=r"^trainer.eval_tasks='many': expected an integer in 2\.\.1,000,000"):
         pipeline.check_config(make_cfg(*FAST, "trainer.eval_tasks=many"))
 
 
@@ -84,12 +84,12 @@ def test_a_bad_test_episode_count_is_reported_before_the_validation_count_comput
     ("simt.eta=1.5", "simt.eta=1.5: expected a number in [0, 1]"),
     ("simt.lam=-1", "simt.lam=-1: expected a number in [0, 1]"),
     ("simt.drop_p=1", "simt.drop_p=1: expected a number in [0, 1)"),
-    ("simt.temp=0", "simt.temp=0: expected a number > 0"),
+    ("simt.temp=0", "simt.temp=0: expected a number in (0, 3.403e+38] (finite in float32)"),
     ("task.ways=9", "task.ways=9: expected at most 8 (classes in the val split of dataset synthetic)"),
     ("task.queries=30", "task.shots+task.queries=31: expected at most 20 (images in the smallest class or object of dataset synthetic)"),
-    ("trainer.steps=0", "trainer.steps=0: expected an integer >= 1"),
+    ("trainer.steps=0", "trainer.steps=0: expected an integer in 1..1,000,000,000"),
     ("trainer.device=tpu", "trainer.device='tpu': expected auto, cpu, cuda or cuda:N"),
-    ("trainer.tasks_per_backward=0", "trainer.tasks_per_backward=0: expected null or an integer >= 1"),
+    ("trainer.tasks_per_backward=0", "trainer.tasks_per_backward=0: expected null or an integer in 1..1,024"),
 ])
 def test_invalid_values_give_one_line_errors(override, message):
     with pytest.raises(pipeline.ConfigError) as error:
@@ -108,7 +108,8 @@ def test_protonet_train_ways_must_fit_the_train_split():
     (["-m", "algo=maml,nope"], "error: algo='nope': expected one of anil, fomaml, maml, metasgd, protonet"),
     (["simt.etaa=1"], "error: Could not override 'simt.etaa'. To append to your config use +simt.etaa=1"),
     (["algo.adapt_scope=body"], "error: algo.adapt_scope='body': expected one of all, head"),
-    (["dataset.image_size=8"], "error: dataset.image_size=8: expected an integer >= 16 (Conv4 max-pools 4 times)"),
+    (["dataset.image_size=8"], "error: dataset.image_size=8: expected an integer in 16..1,024 (Conv4 max-pools 4 "
+                                "times; a 1024x1024 image's first activations take 268 MB at 64 channels)"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args, message, tmp_path):
     result = run_cli(*FAST, f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", *args)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simt.momentum import MomentumTarget, distillation_kl, distillation_mse
+from simt.momentum import WARMUP_GAMMA, MomentumTarget, distillation_kl, distillation_mse, momentum_at
 from simt.trainer import meta_batch_loss
 from tests.conftest import FAST, make_cfg
 from simt import pipeline
@@ -31,7 +31,7 @@ def test_ema_formula(eta):
     with torch.no_grad():
         for value in student.values():
             value.add_(1.0)
-    target.update(student)
+    target.update(student, step=1)
     for key in student:
         expected = eta * before[key] + (1 - eta) * student[key].detach()
         torch.testing.assert_close(target.params[key], expected, rtol=0, atol=1e-6)
@@ -41,6 +41,58 @@ def test_ema_formula(eta):
         assert all(torch.equal(target.params[k], before[k]) for k in student)
 
 
+@pytest.mark.parametrize("step,expected", [
+    (1, 0.0),                                    # the first update copies the student
+    (2, 0.5 ** (WARMUP_GAMMA + 1)),
+    (100, 0.99 ** (WARMUP_GAMMA + 1)),           # 0.9232: averages about the last tenth of the run
+    (1584, (1 - 1 / 1584) ** (WARMUP_GAMMA + 1)),  # just below η = 0.995
+    (1585, 0.995), (10**9, 0.995),               # from there on, η itself
+])
+def test_warmup_momentum_at_known_steps(step, expected):
+    assert momentum_at(step, 0.995, "warmup") == pytest.approx(expected, rel=1e-12)
+    assert momentum_at(step, 0.995, "constant") == 0.995
+
+
+def test_warmup_momentum_rises_to_eta_and_stays():
+    values = [momentum_at(step, 0.97, "warmup") for step in range(1, 2000)]
+    assert values == sorted(values) and values[0] == 0.0 and values[-1] == 0.97
+    assert values.index(0.97) + 1 == 262  # (γ+1)/(1-η) = 265, about
+
+
+def test_a_constant_schedule_is_the_plain_ema_bit_for_bit():
+    student, reference = _student(), {k: v.detach().clone() for k, v in _student().items()}
+    target = MomentumTarget(student, ["w", "b"], {}, eta=0.995, lam=0.5, temp=4.0, eta_schedule="constant")
+    for step in range(1, 6):
+        with torch.no_grad():
+            for value in student.values():
+                value.mul_(1.1).add_(0.3)
+        target.update(student, step=step)
+        reference = {k: torch.lerp(v, student[k].detach(), 1.0 - 0.995) for k, v in reference.items()}
+        assert all(torch.equal(target.params[k], reference[k]) for k in reference)
+
+
+def test_warmup_uses_the_steps_momentum():
+    student = _student()
+    target = MomentumTarget(student, ["w", "b"], {}, eta=0.995, lam=0.5, temp=4.0, eta_schedule="warmup")
+    with torch.no_grad():
+        student["w"].add_(1.0)
+    target.update(student, step=1)
+    assert torch.equal(target.params["w"], student["w"].detach())  # η_1 = 0
+    before = target.params["w"].clone()
+    with torch.no_grad():
+        student["w"].add_(1.0)
+    target.update(student, step=10)
+    eta = momentum_at(10, 0.995, "warmup")
+    torch.testing.assert_close(target.params["w"], eta * before + (1 - eta) * student["w"].detach(), rtol=0, atol=1e-6)
+
+
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="simt.eta_schedule='nope': expected one of constant, warmup"):
+        MomentumTarget(_student(), ["w"], {}, eta=0.9, lam=0.5, temp=4.0, eta_schedule="nope")
+    with pytest.raises(pipeline.ConfigError, match="simt.eta_schedule='nope': expected one of constant, warmup"):
+        pipeline.check_config(make_cfg(*FAST, "simt.eta_schedule=nope"))
+
+
 def test_only_listed_keys_are_averaged_and_buffers_are_kept():
     student = _student()
     buffers = {"running_mean": torch.zeros(3)}
@@ -48,7 +100,7 @@ def test_only_listed_keys_are_averaged_and_buffers_are_kept():
     assert set(target.params) == {"w", "running_mean"}
     with torch.no_grad():
         student["w"].add_(1.0)
-    target.update(student)
+    target.update(student, step=1)
     assert torch.equal(target.params["w"], student["w"].detach())
     assert torch.equal(target.params["running_mean"], torch.zeros(3))
 
@@ -189,5 +241,5 @@ def test_protonet_teacher_updates_its_own_bn_statistics_only():
 def test_a_target_with_nothing_to_average_keeps_its_buffers():
     student = {"w": torch.ones(2)}
     target = MomentumTarget(student, [], {"running_mean": torch.zeros(3)}, eta=0.5, lam=0.5, temp=4.0)
-    target.update(student)
+    target.update(student, step=1)
     assert set(target.params) == {"running_mean"} and torch.equal(target.params["running_mean"], torch.zeros(3))

@@ -39,7 +39,8 @@ def test_bad_preset_or_data_set_is_one_line():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("trainer.eval_tasks=abc", "error: trainer.eval_tasks='abc': expected an integer >= 2"),  # val_tasks follows it
+    ("trainer.eval_tasks=abc", "error: trainer.eval_tasks='abc': expected an integer in 2..1,000,000 (a million "
+                                "episodes take hours on a GPU)"),  # val_tasks follows it
     ("trainer.nosuch=1", "error: Could not override 'trainer.nosuch'."),
 ])
 def test_bad_override_is_one_line_before_anything_runs(override, message, capsys):

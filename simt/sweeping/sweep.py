@@ -201,11 +201,13 @@ def reseeded(spec, offset: int):
 
 
 def sweeps_dir_of(config) -> Path:
-    """`sweeps/` beside the primary config directory (conf/), else in the working directory."""
+    """`sweeps/` beside the primary config directory (this project's conf/ unless --config-dir names another),
+    wherever the command runs from."""
     for source in config.hydra.runtime.config_sources:
-        if source.provider == "main" and source.path.startswith("file://"):
-            return Path(source.path.removeprefix("file://")).parent / "sweeps"
-    return Path.cwd() / "sweeps"
+        if source.provider == "main" and source.schema == "file":
+            return Path(source.path).resolve().parent / "sweeps"
+    from simt.pipeline import CONF_DIR
+    return CONF_DIR.parent / "sweeps"
 
 
 def check_space(space: Space, direction: str, compose) -> str:
