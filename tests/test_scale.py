@@ -290,7 +290,7 @@ def test_bf16_meta_gradient_errs_about_as_much_as_rounding_images_and_weights_to
 
 def test_precision_eval_batch_and_data_on_device_keys_are_checked():
     for override, message in (("trainer.precision=fp16", "trainer.precision='fp16': expected fp32 or bf16"),
-                              ("trainer.eval_batch=0", "trainer.eval_batch=0: expected auto or an integer >= 1"),
+                              ("trainer.eval_batch=0", "trainer.eval_batch=0: expected auto or an integer in 1..4,096"),
                               ("trainer.data_on_device=gpu", "trainer.data_on_device='gpu': expected auto, true or false")):
         with pytest.raises(pipeline.ConfigError) as error:
             pipeline.check_config(make_cfg(*fast(override)))
