@@ -69,12 +69,18 @@ class MomentumTarget:
         lam: λ, the weight of the distillation term in the outer loss.
         temp: T, the distillation temperature (classification).
         distillation: "kl" (classification) or "mse" (regression).
+        per_task_distillation: D of one task is the "mean" over its queries (the paper; the official MAML code)
+            or their "sum" (the official ProtoNet code: at 5-way x 15 queries, 75 times the weight of λ).
     """
 
     def __init__(self, student: Params, keys: list[str], buffers: Params, eta: float, lam: float,
-                 temp: float, distillation: str = "kl", eta_schedule: str = "constant"):
+                 temp: float, distillation: str = "kl", eta_schedule: str = "constant",
+                 per_task_distillation: str = "mean"):
         if eta_schedule not in ETA_SCHEDULES:
             raise ValueError(f"simt.eta_schedule={eta_schedule!r}: expected one of {', '.join(ETA_SCHEDULES)}")
+        if per_task_distillation not in ("mean", "sum"):
+            raise ValueError(f"per_task_distillation={per_task_distillation!r}: expected mean or sum")
+        self.sum_over_queries = per_task_distillation == "sum"
         self.keys, self.eta, self.lam, self.temp, self.eta_schedule = list(keys), eta, lam, temp, eta_schedule
         self.distill = DISTILLATIONS[distillation]
         self.params: Params = {k: student[k].detach().clone() for k in self.keys}
@@ -95,6 +101,8 @@ class MomentumTarget:
         """(1-λ)·L_task + λ·D(student, teacher), summed over a stack of tasks: the outputs have a leading task
         dimension and `task_loss` is the sum of their task losses. Returns (total, sum of D) so D can be logged."""
         distill = sum_over_tasks(self.distill, student_out, teacher_out.detach(), temp=self.temp)
+        if self.sum_over_queries:  # every task of a stack has as many queries: the sum is the mean times them
+            distill = distill * student_out.shape[1]
         return (1.0 - self.lam) * task_loss + self.lam * distill, distill
 
     def state_dict(self) -> Params:

@@ -33,7 +33,7 @@ from simt.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("algo", "backbone", "dataset", "simt", "trainer", "eval_dataset", "experiment")
+GROUPS = ("algo", "backbone", "dataset", "simt", "trainer", "compat", "eval_dataset", "experiment")
 
 
 class ConfigError(ValueError):
@@ -362,7 +362,9 @@ def build(cfg: DictConfig) -> Experiment:
         target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
                                 eta=cfg.simt.eta, lam=cfg.simt.lam, temp=cfg.simt.temp,
                                 distillation="mse" if dataset.regression else "kl",
-                                eta_schedule=cfg.simt.get("eta_schedule", "constant"))  # absent from older configs
+                                eta_schedule=cfg.simt.get("eta_schedule", "constant"),  # absent from older configs
+                                per_task_distillation=OmegaConf.select(cfg, "compat.protonet_kl", default="mean")
+                                if learner_cls.embedding_model else "mean")
     return Experiment(dataset, learner, target, device, test_dataset)
 
 
@@ -382,13 +384,13 @@ def _episodes(cfg: DictConfig, exp: Experiment, split: str, count: int):
 
 def eval_batch(cfg: DictConfig, exp: Experiment) -> int:
     """Episodes adapted at once at validation and test time (`trainer.eval_batch`). auto: 64 with the batched
-    engine (a GPU, where one episode's kernels leave it idle; a chunk that does not fit is retried in
+    engine on a GPU (where one episode's kernels leave it idle; a chunk that does not fit is retried in
     halves), else 1: on a CPU batched evaluation is exact too but measured slower at the paper's sizes
-    (README, Speed and scale)."""
+    (README, Speed and scale), and 64 episodes of 84x84 images take gigabytes at once."""
     setting = cfg.trainer.get("eval_batch", "auto")
     if setting != "auto":
         return setting
-    return 64 if exp.learner.engine == "batched" else 1
+    return 64 if exp.learner.engine == "batched" and exp.device.type == "cuda" else 1
 
 
 def _evaluate(cfg: DictConfig, exp: Experiment, split: str, count: int, desc: str) -> dict[str, list[float]]:
@@ -549,7 +551,11 @@ def is_data_location(key: str) -> bool:
 
 # Keys added after runs were first written, with the value older runs had in effect: at that value they
 # are left out of the config hash and of resume checks, so upgrading does not orphan finished results.
-LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None, "simt.eta_schedule": "constant"}
+LATER_KEYS = {"trainer.precision": "fp32", "task.min_shots": None, "simt.eta_schedule": "constant",
+              **{f"compat.{key}": value for key, value in yaml.safe_load((CONF_DIR / "compat" / "paper.yaml")
+                                                                         .read_text()).items()},
+              "algo.momentum_scope": "model", "algo.meta_batch": "per_task", "dataset.angle": "atan2",
+              "backbone.embedding_dropout": True}
 
 
 def config_hash(resolved: dict, with_roots: bool = False) -> str:

@@ -40,6 +40,7 @@ PROBES = [
     ("data_dir=''", "data_dir='': expected a non-empty folder path"),
     ("simt.eta=1.5", "simt.eta=1.5: expected a number in [0, 1]"),
     ("simt.eta_schedule=nope", "simt.eta_schedule='nope': expected one of constant, warmup"),
+    ("compat=nope", "compat='nope': expected one of official, paper"),
 ]
 
 

@@ -116,3 +116,28 @@ def test_cli_errors_are_one_line_without_traceback(args, message, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == message
     assert not (Path(tmp_path) / "last.pt").exists()
+
+
+@pytest.mark.parametrize("compat", ["paper", "official"])
+def test_compat_passes_plain_constructor_arguments(compat):
+    official = compat == "official"
+    protonet = pipeline.build(make_cfg(*fast("algo=protonet", f"compat={compat}")))
+    assert protonet.learner.shares_batch_statistics == official and protonet.target.sum_over_queries == official
+    assert protonet.learner.engine == ("batched" if official else "loop")  # one pass needs the tasks stacked
+    anil = pipeline.build(make_cfg(*fast("algo=anil", f"compat={compat}"))).learner
+    body = [key for key in anil.meta_parameters() if key.startswith("features.") and ".conv." in key]
+    assert bool(set(body) & set(anil.momentum_keys)) != official  # official: the target averages the head only
+    metasgd = pipeline.build(make_cfg(*fast("algo=metasgd", f"compat={compat}"))).learner
+    assert all((rate.dim() == 0) == official for rate in metasgd.inner_lrs.values())
+    maml = pipeline.build(make_cfg(*fast(f"compat={compat}"))).learner  # no departure for MAML itself
+    assert maml.momentum_scope == "model"
+    resnet = make_cfg(*fast("algo=protonet", "backbone=resnet12", "backbone.widths=[4,4,4,4]", "simt.drop_p=0.3",
+                            f"compat={compat}"))
+    dropouts = [m for m in pipeline.build(resnet).learner.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert bool(dropouts) != official  # the official ProtoNet ResNet-12 never drops
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "anil", "metasgd", "protonet"])
+def test_every_algorithm_trains_under_compat_official(algo, tmp_path):
+    pipeline.run(make_cfg(*fast(f"algo={algo}", "compat=official", "simt.drop_p=0.1")), tmp_path)
+    assert (tmp_path / "results.json").is_file()

@@ -297,10 +297,12 @@ def test_precision_eval_batch_and_data_on_device_keys_are_checked():
         assert str(error.value) == message
 
 
-def test_eval_batch_auto_follows_the_engine():
-    for engine, expected in (("loop", 1), ("batched", 64)):
+def test_eval_batch_auto_follows_the_engine_and_the_device():
+    for engine, device, expected in (("loop", "cuda", 1), ("batched", "cuda", 64), ("batched", "cpu", 1)):
         cfg = make_cfg(*fast("trainer.device=cpu", f"algo.engine={engine}"))
-        assert pipeline.eval_batch(cfg, pipeline.build(cfg)) == expected
+        exp = pipeline.build(cfg)
+        exp.device = torch.device(device)  # what eval_batch reads: no GPU needed to check the rule
+        assert pipeline.eval_batch(cfg, exp) == expected
     cfg = make_cfg(*fast("trainer.device=cpu", "trainer.eval_batch=7"))
     assert pipeline.eval_batch(cfg, pipeline.build(cfg)) == 7
 

@@ -21,6 +21,7 @@ from simt.losses import sum_over_tasks
 from simt.models import set_dropout
 
 ADAPT_SCOPES = ("all", "head")
+MOMENTUM_SCOPES = ("model", "adapted")
 
 
 def _norm_parameter_names(model: nn.Module) -> set[str]:
@@ -42,6 +43,9 @@ class GradientLearner(StackedTasks):
         adapt_scope: which parameters the inner loop adapts: "all" conv/linear ones (MAML) or the "head" (ANIL).
         train_ways: ways of training episodes; None means task.ways (the head has one output per way,
             so gradient learners must train and test with the same ways).
+        momentum_scope: what the momentum target averages: the whole "model" (all but plain-BN affine
+            parameters, the paper), or only the "adapted" keys (the official code's ANIL: its teacher
+            runs the student's current body with the averaged head).
         loss_fn: the task loss on (outputs, targets); cross-entropy for classification.
         engine: how a meta-batch is run and who computes inner gradients (simt.algorithms.engines):
             loop | batched | higher | auto (resolved here, from the model's device).
@@ -51,11 +55,13 @@ class GradientLearner(StackedTasks):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  eval_inner_steps: int = 10, first_order: bool = False, adapt_scope: str = "all",
-                 train_ways: int | None = None,
+                 train_ways: int | None = None, momentum_scope: str = "model",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  engine: str = "auto"):
         if adapt_scope not in ADAPT_SCOPES:
             raise ValueError(f"algo.adapt_scope={adapt_scope!r}: expected one of {', '.join(ADAPT_SCOPES)}")
+        if momentum_scope not in MOMENTUM_SCOPES:
+            raise ValueError(f"algo.momentum_scope={momentum_scope!r}: expected one of {', '.join(MOMENTUM_SCOPES)}")
         self.model = model.train()
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order, self.train_ways, self.task_loss = first_order, train_ways, loss_fn
@@ -63,7 +69,7 @@ class GradientLearner(StackedTasks):
         norm_names = set() if getattr(model, "adapts_norm", False) else _norm_parameter_names(model)
         self.adapt_keys = [name for name, _ in model.named_parameters() if name not in norm_names
                            and (adapt_scope == "all" or name.startswith("classifier."))]
-        self._norm_names = norm_names
+        self._norm_names, self.momentum_scope = norm_names, momentum_scope
 
     # -- what the trainer and SiMT see -------------------------------------------------------------
     def meta_parameters(self) -> Params:
@@ -71,8 +77,13 @@ class GradientLearner(StackedTasks):
 
     @property
     def momentum_keys(self) -> list[str]:
-        """Everything the outer optimizer trains, except plain-BN affine parameters (official behaviour)."""
-        return [k for k in self.meta_parameters() if k not in self._norm_names]
+        """Everything the outer optimizer trains, except plain-BN affine parameters (official behaviour); with
+        momentum_scope "adapted", of the model's weights only those the inner loop adapts (plus learned rates)."""
+        model_keys = dict(self.model.named_parameters())
+        keys = [k for k in self.meta_parameters() if k not in self._norm_names]
+        if self.momentum_scope == "adapted":
+            keys = [k for k in keys if k in self.adapt_keys or k not in model_keys]
+        return keys
 
     def momentum_buffers(self) -> Params:
         return {}  # transductive BN keeps no running statistics

@@ -3,11 +3,14 @@ query embedding to the class means (prototypes) of the support embeddings."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from simt.algorithms.engines import StackedTasks, resolve_engine
 from simt.algorithms.inner_loop import InnerStep, Params
 from simt.data.tasks import Task
 from simt.models import set_dropout
+
+META_BATCHES = ("per_task", "shared")
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -44,13 +47,24 @@ class ProtoNet(StackedTasks):
         train_ways: ways of training episodes (official: 20-way training, 5-way testing).
         engine: how a meta-batch is run (simt.algorithms.engines); `batched` embeds all its tasks' images in
             one pass (per-task BN statistics kept); no inner loop, so `higher` is the same as `loop`.
+        meta_batch: "per_task": every task is embedded with BatchNorm statistics of its own (the paper's
+            episodes are independent); "shared": the official code's one pass over the whole meta-batch,
+            its BatchNorm statistics shared by the tasks and the running statistics updated once per pass
+            (the engine is then `batched`: the tasks always run as one stack).
     """
 
     embedding_model = True
 
-    def __init__(self, model: nn.Module, train_ways: int | None = 20, engine: str = "auto"):
+    def __init__(self, model: nn.Module, train_ways: int | None = 20, engine: str = "auto",
+                 meta_batch: str = "per_task"):
+        if meta_batch not in META_BATCHES:
+            raise ValueError(f"algo.meta_batch={meta_batch!r}: expected one of {', '.join(META_BATCHES)}")
         self.model, self.train_ways = model.train(), train_ways
-        self.engine = resolve_engine(engine, next(model.parameters()).device)
+        self.shares_batch_statistics = meta_batch == "shared"
+        if self.shares_batch_statistics and engine in ("loop", "higher"):
+            raise ValueError(f"algo.engine={engine!r}: ProtoNet with meta_batch=shared runs its meta-batch in one "
+                             f"pass; expected auto or batched")
+        self.engine = "batched" if self.shares_batch_statistics else resolve_engine(engine, next(model.parameters()).device)
 
     def meta_parameters(self) -> Params:
         return dict(self.model.named_parameters())
@@ -93,6 +107,9 @@ class ProtoNet(StackedTasks):
                                 self._embed(params, task.query_x), task.ways)
 
     def _embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if self._tasks is not None and self.shares_batch_statistics:  # (T, N, ...): one plain pass over them all
+            embeddings = functional_call(self.model, params, (x.flatten(0, 1),), strict=False)
+            return embeddings.view(*x.shape[:2], *embeddings.shape[1:])
         return self._network(params, x)
 
     def state_dict(self) -> dict:

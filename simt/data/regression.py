@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import functools
 import json
 import math
 import multiprocessing
@@ -382,15 +383,31 @@ def angular_error_degrees(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return out.to(pred.dtype if pred.is_floating_point() else torch.float32)
 
 
-def angular_error_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def acos_angular_error_degrees(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The official code's angular error: the predicted angle is acos of the cosine output alone, taken as
+    360° minus it where the sine output is negative; the target's from atan2 (its exact (cos, sin) pair).
+    Both in [0, 360), then the shorter way round, in degrees. Equals `angular_error_degrees` for unit
+    predictions; the tanh outputs are not unit vectors, so in general it does not."""
+    p, t = pred.detach().double(), target.detach().to(pred.device).double()
+    predicted = torch.acos(p[..., 0].clamp(-1.0, 1.0))
+    predicted = torch.where(p[..., 1] < 0, 2 * math.pi - predicted, predicted)
+    diff = torch.remainder(predicted - torch.atan2(t[..., 1], t[..., 0]), 2 * math.pi)
+    diff = torch.minimum(diff, 2 * math.pi - diff)
+    return torch.rad2deg(diff).clamp_(0.0, 180.0).to(pred.dtype if pred.is_floating_point() else torch.float32)
+
+
+ANGLES = {"atan2": angular_error_degrees, "acos": acos_angular_error_degrees}
+
+
+def angular_error_values(outputs: torch.Tensor, targets: torch.Tensor, angle: str = "atan2") -> torch.Tensor:
     """Mean angular error in degrees of every episode of a stack: (..., N, 2) -> (...,) float64, on the
-    outputs' device (no host sync)."""
-    return angular_error_degrees(outputs, targets).double().mean(dim=-1)
+    outputs' device (no host sync). `angle`: how the predicted angle is read (ANGLES)."""
+    return ANGLES[angle](outputs, targets).double().mean(dim=-1)
 
 
-def angular_error(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+def angular_error(outputs: torch.Tensor, targets: torch.Tensor, angle: str = "atan2") -> float:
     """Mean angular error in degrees (ShapeNet1D's reported metric; lower is better)."""
-    return angular_error_values(outputs, targets).item()
+    return angular_error_values(outputs, targets, angle).item()
 
 
 def mse_values(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -682,15 +699,20 @@ def _as_dataset(splits: dict[str, RegressionSplit], name: str, **scoring) -> "Fe
     return FewShotDataset({k: to_torch(v) for k, v in splits.items()}, name, target_dim=target_dim, **scoring)
 
 
-def regression_dataset(name: str, root: str | os.PathLike, image_size: int = 128) -> "FewShotDataset":
-    """ShapeNet1D: (cos, sin) targets, the official squared-error loss, angular error in degrees, tanh
+def regression_dataset(name: str, root: str | os.PathLike, image_size: int = 128,
+                       angle: str = "atan2") -> "FewShotDataset":
+    """ShapeNet1D: (cos, sin) targets, the official squared-error loss, angular error in degrees (the
+    predicted angle by `angle`: atan2 of both outputs, or acos of the cosine as the official code), tanh
     outputs. Pascal1D: the angle label x10, MSE (its test split is its validation file, as officially)."""
     from simt.evaluator import Metric
 
+    if angle not in ANGLES:
+        raise DataError(None, f"dataset.angle={angle!r}: expected one of {', '.join(ANGLES)}")
     if name == "shapenet1d":
         return _as_dataset(load_shapenet1d(root, image_size=image_size), name, loss=azimuth_loss,
-                           metric=Metric(angular_error, "angular_error", higher_is_better=False,
-                                         values=angular_error_values),
+                           metric=Metric(functools.partial(angular_error, angle=angle), "angular_error",
+                                         higher_is_better=False,
+                                         values=functools.partial(angular_error_values, angle=angle)),
                            output_activation="tanh")
     if name == "pascal1d":
         return _as_dataset(load_pascal1d(root, ("train", "val", "test"), image_size=image_size), name,

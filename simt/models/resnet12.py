@@ -114,6 +114,8 @@ class ResNet12(nn.Module):
         widths: channels of the four blocks; None picks 64-128-256-512 (head) or 64-160-320-640
             (embedding network), as the official code does.
         drop_p: dropout rate of every block (and, with a head, of the features before it).
+        embedding_dropout: False keeps the embedding (ProtoNet) variant free of dropout whatever drop_p says,
+            as the official ProtoNet ResNet-12, whose dropout flag is never set.
         transductive_bn: batch statistics always (MAML family) vs. standard running statistics.
         negative_slope: LeakyReLU slope; None picks the official one (0.01 with a head, 0.1 without).
     """
@@ -125,9 +127,11 @@ class ResNet12(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, out_features: int | None,
                  widths: Sequence[int] | None = None, drop_p: float = 0.0, transductive_bn: bool = True,
-                 negative_slope: float | None = None):
+                 negative_slope: float | None = None, embedding_dropout: bool = True):
         super().__init__()
         embedding = out_features is None
+        if embedding and not embedding_dropout:  # the official ProtoNet network's dropout never turns on
+            drop_p = 0.0
         widths = tuple(PROTO_WIDTHS if embedding else META_WIDTHS) if widths is None else tuple(widths)
         negative_slope = (PROTO_SLOPE if embedding else META_SLOPE) if negative_slope is None else negative_slope
         if in_channels < 1:
