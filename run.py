@@ -26,24 +26,28 @@ def fail(error: Exception | str, status: int = 2) -> None:
     sys.exit(status)
 
 
-def is_fresh(run_dir: Path) -> bool:
-    """Whether the run directory holds nothing but the empty log Hydra opened for this process."""
-    contents = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    return all(path.name == "run.log" and path.stat().st_size == 0 for path in contents)
+# Whether this process makes its run directory: the command line's run directory did not exist when it was
+# checked (set in __main__; a directory that resolves only inside Hydra counts as not made here).
+MAKES_RUN_DIR = False
+STARTING_FILES = {"run.lock", "run.log", ".hydra"}  # what a run writes before it trains or tests anything
+
+
+def discard_unused(run_dir: Path) -> None:
+    """Remove a run directory this process made, if the run failed before writing anything but its start."""
+    if MAKES_RUN_DIR and run_dir.is_dir() and {path.name for path in run_dir.iterdir()} <= STARTING_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fresh = is_fresh(run_dir)
     try:
         return pipeline.run(cfg, run_dir)
     except USER_ERRORS as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # let the sweeper record this job as failed
             logging.getLogger("run").error("error: %s", error)
             raise
-        if fresh and not (run_dir / ".hydra").exists():  # it failed before the run began: leave nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+        discard_unused(run_dir)  # a config error found late (e.g. on reading the data) leaves nothing behind
         fail(error)
     except KeyboardInterrupt:  # outside training (which saves a checkpoint first and exits 130 itself)
         fail("interrupted", status=130)
@@ -51,7 +55,8 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     try:
-        pipeline.check_command_line(sys.argv[1:])
+        checked_dir = pipeline.check_command_line(sys.argv[1:])
+        MAKES_RUN_DIR = checked_dir is not None and not Path(checked_dir).exists()
         if distributed.launched():
             sys.argv += distributed.hydra_overrides(sys.argv[1:])
     except (*USER_ERRORS, distributed.LaunchError) as error:

@@ -18,6 +18,7 @@ import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from simt import allocator, checkpoint, distributed
 from simt.algorithms.engines import ENGINES
@@ -179,13 +180,14 @@ def _check_task_fits(cfg: DictConfig, split_classes: dict[str, int], instances: 
                           f"at most {instances} (images in the smallest class or object of dataset {dataset})")
 
 
-def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
     """Reject a bad command line in one line before Hydra starts: Hydra's own messages span several lines,
     and it creates the run directory (and its log) before the run could check its config.
 
     Group options are checked for plain values and comma-separated sweeps (`algo=maml,anil`). A single run's
     overrides are composed and the whole config checked (check_config), and its run directory must be one
     this user can create. Sweeps check their search space themselves (simt.sweeping), before any trial runs.
+    Returns a single run's directory as far as it resolves before Hydra starts, else None.
     """
     _check_group_options(argv, conf_dir)
     overrides = [arg for arg in argv if not arg.startswith("-")]
@@ -193,7 +195,7 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         for arg in overrides:
             if arg.startswith("hydra.sweep.dir=") and "$" not in arg:
                 _check_writable("hydra.sweep.dir", arg.partition("=")[2])
-        return
+        return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -203,10 +205,19 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     except HydraException as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise OverrideError(" ".join(lines[:2])) from None
-    _check_writable("hydra.run.dir", cfg.hydra.run.dir)
+    try:
+        run_dir = cfg.hydra.run.dir
+    except OmegaConfBaseException:  # e.g. ${hydra:runtime.choices.algo}: only Hydra's own run resolves it
+        run_dir = None
+    if run_dir is not None:
+        _check_writable("hydra.run.dir", run_dir)
     with open_dict(cfg):
         del cfg["hydra"]
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except OmegaConfBaseException as error:  # an interpolation that cannot resolve (a missing ${oc.env:...})
+        raise OverrideError(" ".join(str(error).split())) from None
+    return run_dir
 
 
 def _check_writable(key: str, folder: str) -> None:
@@ -248,7 +259,7 @@ def _instantiate(node: DictConfig, **kwargs):
         cause = error.__cause__
         if isinstance(cause, DataError):
             raise cause from None
-        if isinstance(cause, ValueError):
+        if isinstance(cause, (ValueError, TypeError)):  # TypeError: an argument the constructor does not take
             raise BuildError(f"{node._target_}: {cause}") from None
         raise
 
@@ -425,8 +436,11 @@ def _test(cfg: DictConfig, exp: Experiment, path: Path) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train (or evaluate, mode=eval) one configuration; returns the objective for sweeps."""
     check_config(cfg)
-    if cfg.mode == "eval":  # under torchrun rank 0 evaluates alone
-        return evaluate_saved(cfg, run_dir) if distributed.is_main() else float("nan")
+    if cfg.mode == "eval":  # under torchrun rank 0 evaluates alone; it holds its directory as a training run does
+        if not distributed.is_main():
+            return float("nan")
+        with checkpoint.hold_run_dir(run_dir):
+            return evaluate_saved(cfg, run_dir)
     started, run_dir = time.time(), Path(distributed.broadcast_object(str(run_dir)))  # torchrun: rank 0's
     main = distributed.is_main()
     with contextlib.ExitStack() as lock:
@@ -451,8 +465,7 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
     last = run_dir / checkpoint.LAST
     payload = checkpoint.load(last) if cfg.trainer.resume and last.is_file() else None
     if payload:
-        with checkpoint.restoring(last):
-            saved = payload["config"]
+        saved = _saved_config(payload, last)
         kept = cfg.trainer.val_tasks
         cfg, resolved = _validation_as_saved(cfg, saved, resolved)
         if kept != cfg.trainer.val_tasks and main:
@@ -462,9 +475,9 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
     elif cfg.trainer.resume and main:
         log.info("trainer.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
 
-    exp = build(cfg)
     if main:
         _record_config(run_dir, job_cfg)
+    exp = build(cfg)
     optimizer = torch.optim.Adam(exp.learner.meta_parameters().values(), lr=cfg.trainer.lr)
     sampler = exp.dataset.split("train").sampler(train_ways(cfg), cfg.task.shots, cfg.task.queries, seed=cfg.seed,
                                                  min_shots=cfg.task.get("min_shots"))
@@ -514,9 +527,9 @@ def _train_and_test(cfg: DictConfig, run_dir: Path, started: float, main: bool) 
 
 
 def _record_config(run_dir: Path, cfg: DictConfig) -> None:
-    """Write .hydra/{config,hydra,overrides}.yaml, as Hydra would, once the run has its directory's lock, has
-    passed the resume checks and has built everything: conf/config.yaml turns Hydra's own copy off, which
-    it writes before any of those, so a refused process would overwrite a live run's record."""
+    """Write .hydra/{config,hydra,overrides}.yaml, as Hydra would, once the run holds its directory's lock and
+    has passed the resume checks: conf/config.yaml turns Hydra's own copy off, which it writes before either,
+    so a refused process would overwrite a live run's record."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():  # called from Python, not through run.py
@@ -617,12 +630,20 @@ def resume_problem(cfg: DictConfig, run_dir: Path) -> str | None:
     if not last.is_file():
         return None
     try:
-        saved = checkpoint.load(last).get("config") or {}
+        saved = _saved_config(checkpoint.load(last), last)
         _, resolved = _validation_as_saved(cfg, saved, OmegaConf.to_container(cfg, resolve=True))
         _check_same_run(saved, resolved, last)
     except (ConfigError, CheckpointError) as error:
         return str(error)
     return None
+
+
+def _saved_config(payload: dict, path: Path) -> dict:
+    """The config a last.pt was written with: a dict whose groups are dicts, else a one-line CheckpointError."""
+    saved = payload.get("config")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(group, {}), dict) for group in GROUPS):
+        raise CheckpointError(f"checkpoint {path}: does not fit this run (its config is not a run config)")
+    return saved
 
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
@@ -652,11 +673,12 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float:
     path = path / checkpoint.BEST if path.is_dir() else path
     if not path.is_file():
         raise ConfigError("checkpoint", str(cfg.checkpoint), "a run directory containing best.pt, or a .pt file")
-    saved_cfg = _data_found_in(trusted_saved_config(checkpoint.load(path).get("config"), path), str(cfg.data_dir))
-    saved_cfg.trainer.merge_with({k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress",
-                                                              "eval_batch", "data_on_device")})
-    exp = build(saved_cfg)
+    run_keys = {"trainer": {k: cfg.trainer[k] for k in ("eval_tasks", "episode_seed", "device", "progress", "threads",
+                                                        "eval_batch", "data_on_device")}}
+    saved_cfg = _data_found_in(trusted_saved_config(checkpoint.load(path).get("config"), path, run_keys),
+                               str(cfg.data_dir))
     _record_config(Path(run_dir), cfg)
+    exp = build(saved_cfg)
     test = _test(saved_cfg, exp, path)
     _write_json({**test, "checkpoint": str(path)}, Path(run_dir) / "eval_results.json")
     name = exp.test_dataset.metric.name
@@ -682,16 +704,22 @@ def own_targets(conf_dir: Path = CONF_DIR) -> dict[str, set[str]]:
     return targets
 
 
-def trusted_saved_config(config, path: Path) -> DictConfig:
+def trusted_saved_config(config, path: Path, run_keys: dict | None = None) -> DictConfig:
     """The config saved in a checkpoint, once it is known to build only this project's own objects.
 
     A checkpoint may come from anyone, and `build` instantiates whatever `_target_` a config names: a crafted
     one could name `builtins.open` or `torch.load`. So every instantiation key must be a group's `_target_`
-    that one of conf/'s options names, no value may be an interpolation, and check_config must pass."""
-    if not isinstance(config, dict) or not config:
-        raise CheckpointError(f"checkpoint {path}: no config in it (expected a checkpoint written by this tool)")
+    that one of conf/'s options names, every value plain data and no interpolation, and check_config must
+    pass once `run_keys` (how this machine runs it: {"trainer": {"threads": ...}}) are merged in."""
+    try:  # OmegaConf's own form: tuples become lists (Hydra walks both), other objects are refused
+        plain = OmegaConf.to_container(OmegaConf.create(config)) if isinstance(config, dict) and config else None
+    except OmegaConfBaseException:
+        plain = None
+    if plain is None:
+        raise CheckpointError(f"checkpoint {path}: no config of plain values in it (expected a checkpoint written "
+                              f"by this tool)")
     allowed = own_targets()
-    for key, value in _leaves(config):
+    for key, value in _leaves(plain):
         name = key.rsplit(".", 1)[-1]
         group, _, rest = key.partition(".")
         if name in INSTANTIATION_KEYS and not (rest == "_target_" and value in allowed.get(group, ())):
@@ -699,11 +727,12 @@ def trusted_saved_config(config, path: Path) -> DictConfig:
                                   f"of this project's config options")
         if isinstance(value, str) and "${" in value:
             raise CheckpointError(f"checkpoint {path}: refused, its config has an interpolation at {key}")
-    saved = OmegaConf.create(config)
+    saved = OmegaConf.merge(plain, run_keys or {})
     try:
         check_config(saved)
-    except ConfigError as error:
-        raise CheckpointError(f"checkpoint {path}: refused, its config fails a check: {error}") from None
+    except (ConfigError, OmegaConfBaseException) as error:
+        raise CheckpointError(f"checkpoint {path}: refused, its config fails a check: "
+                              f"{' '.join(str(error).split())}") from None
     return saved
 
 

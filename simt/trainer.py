@@ -262,6 +262,8 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once (KeyboardInterrupt), without the checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _weights(self) -> dict:

@@ -49,7 +49,12 @@ def test_a_bad_value_is_one_line_before_hydra_starts(override, message, tmp_path
     with pytest.raises(pipeline.ConfigError) as error:
         pipeline.check_command_line([*FAST, override, f"hydra.run.dir={tmp_path / 'run'}"])
     assert message in str(error.value) and "\n" not in str(error.value)
-    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_only_hydra_can_resolve_is_left_to_hydra(tmp_path):
+    run_dir = f"{tmp_path}/${{hydra:runtime.choices.algo}}"
+    assert pipeline.check_command_line([*FAST, f"hydra.run.dir={run_dir}"]) is None
+    assert pipeline.check_command_line([*FAST, f"hydra.run.dir={tmp_path}/plain"]) == f"{tmp_path}/plain"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -93,8 +98,10 @@ def _opens(victim: Path) -> dict:
     _opens,
     lambda victim: {"_target_": "torch.load", "weights_only": False,
                     "f": {"_target_": "io.BytesIO", "initial_bytes": {"_target_": "base64.b64decode", "s": "AAAA"}}},
+    lambda victim: {"_target_": "simt.data.synthetic.synthetic", "seed": {"_target_": "torch.load", "f": str(victim)}},
     lambda victim: {"_target_": "simt.data.synthetic.synthetic", "split_classes": [_opens(victim)]},
-], ids=["open", "nested-torch-load", "in-a-list"])
+    lambda victim: {"_target_": "simt.data.synthetic.synthetic", "extra": (_opens(victim),)},  # a tuple: weights_only keeps it
+], ids=["open", "torch-load", "nested-under-our-own", "in-a-list", "in-a-tuple"])
 def test_a_crafted_checkpoint_cannot_name_code(crafted_dataset, tmp_path):
     victim = tmp_path / "victim"
     crafted = _crafted_checkpoint(tmp_path / "best.pt", dataset=crafted_dataset(victim))
@@ -125,6 +132,20 @@ def test_a_saved_config_builds_only_the_projects_own_objects(change, message, tm
         pipeline.trusted_saved_config({**config, **change}, tmp_path / "best.pt")
 
 
+def test_a_checkpoint_trained_elsewhere_is_checked_with_this_machines_run_keys(tmp_path):
+    config = OmegaConf.to_container(make_cfg(*fast()), resolve=True)
+    config["trainer"]["threads"] = 4096  # trained on a bigger machine
+    with pytest.raises(pipeline.CheckpointError, match="trainer.threads=4096"):
+        pipeline.trusted_saved_config(config, tmp_path / "best.pt")
+    saved = pipeline.trusted_saved_config(config, tmp_path / "best.pt", {"trainer": {"threads": None}})
+    assert saved.trainer.threads is None
+
+
+def test_an_argument_a_constructor_does_not_take_is_one_line():
+    with pytest.raises(pipeline.BuildError, match=r"^simt.data.synthetic.synthetic: .*unexpected keyword argument 'extra'"):
+        pipeline.build(make_cfg(*fast("+dataset.extra=1")))
+
+
 def test_every_group_option_of_conf_is_trusted():
     for option in ("maml", "metasgd", "protonet"):
         pipeline.trusted_saved_config(OmegaConf.to_container(make_cfg(*fast(f"algo={option}")), resolve=True), "x")
@@ -152,6 +173,32 @@ def test_a_refused_resume_does_not_rewrite_the_runs_config(tmp_path):
     result = run_cli(*FAST, "simt.lam=0.3", "trainer.resume=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and result.stderr.startswith("error: simt.lam=0.3: expected 0.5 as in the checkpoint")
     assert {name: (tmp_path / ".hydra" / name).read_text() for name in written} == written
+
+
+def test_a_run_directory_that_existed_is_never_removed(tmp_path):
+    (tmp_path / "mine").mkdir()
+    result = run_cli("mode=eval", f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path / 'mine'}")
+    assert result.returncode == 2 and "none.pt" in result.stderr
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_mode_eval_does_not_write_into_a_live_runs_directory(tmp_path):
+    with open(tmp_path / checkpoint.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_cli("mode=eval", f"checkpoint={tmp_path}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "is in use by another process" in result.stderr
+    assert not (tmp_path / ".hydra").exists()
+
+
+@pytest.mark.parametrize("config", [{"trainer": "x"}, "x", None])
+def test_a_last_checkpoint_with_a_foreign_config_is_one_line(config, tmp_path):
+    pipeline.run(make_cfg(*fast()), tmp_path)
+    last = checkpoint.load(tmp_path / checkpoint.LAST)
+    last["config"] = config
+    torch.save(last, tmp_path / checkpoint.LAST)
+    with pytest.raises(pipeline.CheckpointError, match=r"does not fit this run \(its config is not a run config\)"):
+        pipeline.run(make_cfg(*fast("trainer.steps=6", "trainer.resume=true")), tmp_path)
+    assert "its config is not a run config" in pipeline.resume_problem(make_cfg(*fast("trainer.resume=true")), tmp_path)
 
 
 def test_named_sweeps_are_found_from_any_directory(tmp_path):

@@ -246,3 +246,17 @@ def test_ctrl_c_on_the_command_line_saves_a_checkpoint_and_exits_130(tmp_path):
     assert run.wait(timeout=60) == 128 + signal.SIGINT
     assert "Traceback" not in run.stderr.read()
     assert 0 < checkpoint.load(tmp_path / "last.pt")["step"] < 100000
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    exp = pipeline.build(make_cfg(*fast()))
+    trainer = Trainer(exp.learner, exp.target, torch.optim.Adam(exp.learner.meta_parameters().values()), None,
+                      lambda step: {}, tmp_path, steps=1, meta_batch_size=1, eval_every=1, checkpoint_every=1,
+                      device=exp.device)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer._request_stop(signal.SIGINT, None)  # the first: finish the step, save, exit 130
+        assert trainer._stop_signal == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the second raises KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
