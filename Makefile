@@ -9,7 +9,7 @@ DATASET ?=
 DATA_DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all reproduce-table bench bench-gpu rows-gpu gpu-wheels clean
+.PHONY: help install run test test-all reproduce-table bench bench-gpu rows-gpu table-gpu gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-gpu:  ## the GPU checks in one go (10 min on an H100; BENCH_ONLY=resnet12 
 
 rows-gpu:  ## on a GPU (< 10 min): the ResNet-12 experiment rows' acceptance command (benchmarks/gpu.sh rows)
 	bash benchmarks/gpu.sh rows
+
+table-gpu:  ## on a GPU (< 10 min a call; call again until done): the GPU-scale kanji table (benchmarks/gpu.sh table)
+	bash benchmarks/gpu.sh table
 
 # Wheels for a machine whose python3 (3.12) has torch but not our other dependencies (the lent GPU machines).
 GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 higher==0.2.1 optuna==5.0.0 sqlalchemy==2.1.9 alembic==1.20.1 \

@@ -10,6 +10,9 @@
 #      ResNet-12 one did not finish in the rest of 520 s. BENCH_ONLY (a setting label's text, e.g. resnet12 or
 #      "conv4 28x28") runs only those settings: one session can measure what an earlier one left out;
 #      BENCH_ARGS adds benchmark options (e.g. "--engines loop,batched" to time fewer engines).
+# `bash benchmarks/gpu.sh table` (`make table-gpu`) instead: `make reproduce-table PRESET=gpu` within TABLE_TIMEOUT
+# (560) s; its runs resume, so calls until the table is complete fill it (runs in results/gpu-kanji, the table
+# files copied to $OUT).
 # `bash benchmarks/gpu.sh rows` (`make rows-gpu`) instead: the experiment rows' acceptance command for the ResNet-12
 # rows (ROWS_ONLY), alone on the card, rows started until ROWS_BUDGET (480) s: a 2-core CPU cannot run them in a
 # session (an estimated 10+ minutes per 1-shot row, 30+ per 5-shot row).
@@ -31,6 +34,16 @@ mkdir -p "$out"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } 2>&1 | tee "$out/gpu-tests.txt"
+if [ "${1:-bench}" = table ]; then  # the GPU-scale kanji table: runs resume, so repeated calls fill it
+  # The runs stay in results/gpu-kanji (ignored by git: kept between calls on the same machine); the table to $out.
+  timeout "${TABLE_TIMEOUT:-560}" $PY -m simt.reproduce --preset gpu 2>&1 | tail -n 40
+  table=$?
+  pkill -TERM -f "$PWD/run.py -m" && sleep 10  # runs still going: SIGTERM saves their checkpoints for the next call
+  cp results/gpu-kanji/table.md results/gpu-kanji/table.csv results/gpu-kanji/runs.csv results/gpu-kanji/*.png \
+    "$out/" 2>/dev/null
+  echo "reproduce-table exit $table (124: stopped at its time limit; call again to continue the runs)"
+  exit "$table"
+fi
 if [ "${1:-bench}" = rows ]; then
   table="$out/$(date -u +%Y-%m-%d)-cuda-experiment-rows.md"
   timeout "${ROWS_TIMEOUT:-560}" $PY -m benchmarks.experiment_rows --only "${ROWS_ONLY:-resnet12}" \

@@ -103,6 +103,11 @@ class Run:
         return self.results["test_episodes"][self.results["reported_model"]]
 
     @property
+    def student_scores(self) -> list[float]:
+        """Per-episode test scores of the meta-learned network itself (for SiMT: the target's student)."""
+        return self.results["test_episodes"]["student"]
+
+    @property
     def metric(self) -> str:
         return _metric_names(self.results)[0]
 
@@ -168,6 +173,8 @@ class Arm:
     runs: list[Run]
     mean: float | None = None
     ci95: float | None = None
+    student_mean: float | None = None  # the student's score (the reported model of a baseline; SiMT's other one)
+    student_ci95: float | None = None
 
     @property
     def done(self) -> list[Run]:
@@ -211,9 +218,9 @@ class Cell:
         return self.gain is not None and abs(self.gain) > self.gain_ci95
 
 
-def _seed_averaged(runs: list[Run], seeds: list[int]) -> np.ndarray:
-    """Per-episode scores averaged over `seeds`, shape (episodes,)."""
-    by_seed = {run.key.seed: run.scores for run in runs}
+def _seed_averaged(runs: list[Run], seeds: list[int], model: str = "reported") -> np.ndarray:
+    """Per-episode scores of the reported model (or the "student") averaged over `seeds`, shape (episodes,)."""
+    by_seed = {run.key.seed: run.scores if model == "reported" else run.student_scores for run in runs}
     return np.mean([by_seed[seed] for seed in seeds], axis=0)
 
 
@@ -235,6 +242,7 @@ def _cell(key: tuple, runs: list[Run]) -> Cell:
     cell.metric, cell.lower_is_better = first.metric, first.results["objective_direction"] == "minimize"
     for arm in (arm for arm in (base, simt) if arm.done):
         arm.mean, arm.ci95 = mean_ci95(_seed_averaged(arm.done, arm.seeds))
+        arm.student_mean, arm.student_ci95 = mean_ci95(_seed_averaged(arm.done, arm.seeds, "student"))
     cell.paired_seeds = sorted(set(base.seeds) & set(simt.seeds))
     gain_over = lambda seeds: _seed_averaged(simt.done, seeds) - _seed_averaged(base.done, seeds)  # noqa: E731
     if cell.paired_seeds:
@@ -298,10 +306,11 @@ def _fmt(x: float, sign: bool = False, scale: float = 0.0) -> str:
     return text if sign else text.lstrip("+")
 
 
-def _arm_text(arm: Arm) -> str:
+def _arm_text(arm: Arm, model: str = "reported") -> str:
     if not arm.done:
         return arm.problem
-    return f"{_fmt(arm.mean)} ± {_fmt(arm.ci95)}" + (f" ({arm.problem})" if arm.problem else "")
+    mean, ci95 = (arm.mean, arm.ci95) if model == "reported" else (arm.student_mean, arm.student_ci95)
+    return f"{_fmt(mean)} ± {_fmt(ci95)}" + (f" ({arm.problem})" if arm.problem else "")
 
 
 def _gain_text(cell: Cell) -> str:
@@ -335,15 +344,15 @@ def _markdown_table(cells: list[Cell], published: dict) -> list[str]:
     by_key = {(c.setting, c.algorithm, c.shots): c for c in cells}
     header = ["data set / backbone"] * several_settings + ["algorithm", "metric"]
     for k in shots:
-        header += [f"{k}-shot baseline", f"{k}-shot SiMT", f"{k}-shot gain [paired 95% CI]",
+        header += [f"{k}-shot baseline", f"{k}-shot SiMT", f"{k}-shot SiMT's student", f"{k}-shot gain [paired 95% CI]",
                    f"{k}-shot published (baseline → SiMT)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, algorithm in rows:
         row_cells = [by_key.get((setting, algorithm, k)) for k in shots]
         row = [setting] * several_settings + [algorithm, _metric_text([c for c in row_cells if c])]
         for cell in row_cells:  # a shot setting outside the grid for this row stays blank
-            row += [_arm_text(cell.baseline), _arm_text(cell.simt), _gain_text(cell),
-                    _published_text(cell, published)] if cell else [""] * 4
+            row += [_arm_text(cell.baseline), _arm_text(cell.simt), _arm_text(cell.simt, "student"), _gain_text(cell),
+                    _published_text(cell, published)] if cell else [""] * 5
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -407,6 +416,7 @@ def _cell_row(cell: Cell, published: dict) -> dict:
     for name, arm in (("baseline", cell.baseline), ("simt", cell.simt)):
         row |= {f"{name}_mean": arm.mean, f"{name}_ci95": arm.ci95, f"{name}_seeds": " ".join(map(str, arm.seeds)),
                 f"{name}_problem": arm.problem}
+    row |= {"simt_student_mean": cell.simt.student_mean, "simt_student_ci95": cell.simt.student_ci95}
     base, simt = _published(cell, published)
     return row | {"gain": cell.gain, "gain_ci95": cell.gain_ci95, "significant": cell.significant,
                   "paired_seeds": " ".join(map(str, cell.paired_seeds)),
@@ -455,7 +465,8 @@ def _mean_curve(runs: list[Run], model: str) -> tuple[list[int], list[float]]:
 
 
 def _plot_curves(cells: list[Cell], path: Path) -> None:
-    """Validation curves, baseline student vs SiMT target; a row per (setting, shots), a panel per algorithm."""
+    """Validation curves, baseline student vs SiMT target (and, dotted, SiMT's student: the target catching up
+    with it); a row per (setting, shots), a panel per algorithm."""
     rows = list(dict.fromkeys((c.setting, c.shots) for c in cells))
     algorithms = [a for a in ALGORITHMS if any(c.algorithm == a for c in cells)]
     fig, axes = _figure(len(rows), len(algorithms), (3.5, 2.8))
@@ -466,8 +477,10 @@ def _plot_curves(cells: list[Cell], path: Path) -> None:
             if cell is None:
                 ax.axis("off")
                 continue
-            for arm, name, model in ((cell.baseline, "baseline", "student"), (cell.simt, "SiMT", "target")):
-                ax.plot(*_mean_curve(arm.done, model), marker=".", label=f"{name} ({model}) {arm.problem}".strip())
+            for arm, name, model, style in ((cell.baseline, "baseline", "student", "-"),
+                                            (cell.simt, "SiMT", "target", "-"), (cell.simt, "SiMT", "student", ":")):
+                ax.plot(*_mean_curve(arm.done, model), style, marker=".",
+                        label=f"{name} ({model}) {arm.problem}".strip())
             ax.set_title(f"{setting} {shots}-shot {algorithm}", fontsize=9)
             ax.set_xlabel("step"), ax.set_ylabel(f"val {_metric_text([cell])}", fontsize=8), ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)

@@ -173,7 +173,7 @@ def test_failed_and_missing_runs_are_shown_not_dropped(tmp_path):
     rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in table.splitlines()
                                           if line.startswith("| "))}
     assert rows["maml"][3].endswith("(failed (1/2))") and rows["anil"][3] == "failed (1/1)"
-    assert rows["metasgd"][2:5] == ["missing", "missing", "n/a (no seed finished in both arms)"]
+    assert rows["metasgd"][2:6] == ["missing", "missing", "missing", "n/a (no seed finished in both arms)"]
     cells = {row["algorithm"]: row for row in read_csv(tmp_path / "out" / "table.csv")}
     assert (cells["maml"]["simt_problem"], cells["maml"]["simt_seeds"]) == ("failed (1/2)", "0")
     assert cells["anil"]["simt_problem"] == "failed (1/1)" and cells["metasgd"]["baseline_problem"] == "missing"
@@ -255,3 +255,14 @@ def test_published_file_errors_and_the_shipped_file(tmp_path):
     with pytest.raises(TableError, match="bad.yaml: entry 0 lacks value, source"):
         load_published(tmp_path / "bad.yaml")
     assert all(p.source for p in load_published(ROOT / "sweeps" / "published.yaml").values())
+
+
+def test_simt_rows_show_the_targets_student_too(tmp_path):
+    scores = [60.0, 80.0, 70.0, 90.0]
+    runs = load_runs([write_run(tmp_path, scores), write_run(tmp_path, scores, simt=True)])
+    cell = aggregate(runs)[0]
+    assert cell.simt.mean == pytest.approx(75.0) and cell.simt.student_mean == pytest.approx(-25.0)  # scores - 100
+    table = write_outputs([cell], runs, tmp_path / "out", PROTOCOL)
+    header, row = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")][:2]
+    assert header[3:5] == ["1-shot SiMT", "1-shot SiMT's student"] and row[4].startswith("-25.00 ± ")
+    assert float(read_csv(tmp_path / "out" / "table.csv")[0]["simt_student_mean"]) == pytest.approx(-25.0)
