@@ -46,9 +46,14 @@ def test_algorithm_variants_set_their_keys(algo, keys):
     assert {k: cfg.algo[k] for k in keys} == keys
 
 
-def test_simt_defaults_are_the_papers():
-    cfg = make_cfg()
-    assert (cfg.simt.enabled, cfg.simt.eta, cfg.simt.lam, cfg.simt.temp) == (True, 0.995, 0.5, 4.0)
+def test_every_paper_row_keeps_the_papers_simt_values():
+    paper_rows = [name for name in OPTIONS["experiment"]
+                  if "override /trainer: paper" in (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()]
+    assert len(paper_rows) == 54
+    for name in paper_rows:
+        simt = make_cfg(f"experiment={name}").simt
+        assert (simt.enabled, simt.eta, simt.eta_schedule, simt.lam, simt.drop_p, simt.temp) == \
+            (True, 0.995, "constant", 0.5, 0.0, 4.0), name
 
 
 def test_protonet_gets_an_embedding_backbone_with_running_stats():
