@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
 # Small, fast settings shared by tests that build whole experiments (tiny ops are overhead-bound on
-# CPU, so fewer inner steps is what makes them fast).
-FAST = ["dataset=synthetic", "trainer=smoke", "backbone.hidden=8", "trainer.threads=1", "task.meta_batch_size=2",
+# CPU, so fewer inner steps is what makes them fast), with the paper's SiMT values (simt=paper).
+FAST = ["simt=paper", "dataset=synthetic", "trainer=smoke", "backbone.hidden=8", "trainer.threads=1", "task.meta_batch_size=2",
         "task.queries=5"]
 FEW_STEPS = ["algo.inner_steps=1", "algo.eval_inner_steps=2", "algo.inner_lr=0.4"]
 

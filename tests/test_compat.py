@@ -329,6 +329,23 @@ def _teacher_weights(exp, student_w):
             for k, v in student_w.items()}
 
 
+def _matches_reference(cfg, exp, adapted: list[str], case: str):
+    """The project's loss parts and gradients equal the re-derivation's, every key of `adapted` adapted with the
+    learner's rate; returns (parts, weights, teacher weights, tasks, rates) for the caller's further checks."""
+    perturb(exp.target.params, exp.target.keys, 0.05, seed=2)
+    tasks = sample_tasks(exp, WAYS, SHOTS, QUERIES, TASKS)
+    w = leaves(exp.learner.meta_parameters())
+    teacher_w = _teacher_weights(exp, w)
+    parts, grads = project_side(exp, tasks)
+    torch.manual_seed(SEED)
+    lrs = {k: cfg.algo.inner_lr for k in adapted}
+    ref = gradient_reference(w, teacher_w, adapted, lrs, lrs, tasks, cfg.algo.inner_steps, cfg.simt.drop_p,
+                             cfg.simt.lam, cfg.simt.temp)
+    worst = compare(parts, grads, ref, reference_grads(ref, w))
+    print(f"{case}: largest relative error {worst:.3g}")
+    return parts, w, teacher_w, tasks, lrs
+
+
 @pytest.mark.parametrize("compat", ["official", "paper"])
 def test_maml_simt_matches_the_formula(compat):
     """Second-order MAML + SiMT (compat changes nothing for it): adapt conv and linear weights, not BN affine;
@@ -336,17 +353,7 @@ def test_maml_simt_matches_the_formula(compat):
     cfg, exp, norms = _gradient_case("maml", compat)
     adapt_keys = [k for k in exp.learner.meta_parameters() if k not in norms]
     assert exp.learner.adapt_keys == adapt_keys and exp.target.keys == adapt_keys
-    perturb(exp.target.params, exp.target.keys, 0.05, seed=2)
-    tasks = sample_tasks(exp, WAYS, SHOTS, QUERIES, TASKS)
-    w = leaves(exp.learner.meta_parameters())
-    teacher_w = _teacher_weights(exp, w)
-    parts, grads = project_side(exp, tasks)
-    torch.manual_seed(SEED)
-    lrs = {k: cfg.algo.inner_lr for k in adapt_keys}
-    ref = gradient_reference(w, teacher_w, adapt_keys, lrs, lrs, tasks, cfg.algo.inner_steps, cfg.simt.drop_p,
-                             cfg.simt.lam, cfg.simt.temp)
-    worst = compare(parts, grads, ref, reference_grads(ref, w))
-    print(f"maml compat={compat}: largest relative error {worst:.3g}")
+    _matches_reference(cfg, exp, adapt_keys, f"maml compat={compat}")
 
 
 @pytest.mark.parametrize("compat", ["official", "paper"])
@@ -359,22 +366,11 @@ def test_anil_simt_matches_the_formula(compat):
     assert exp.learner.adapt_keys == head
     body = [k for k in exp.learner.meta_parameters() if k not in norms and k not in head]
     assert exp.target.keys == (head if compat == "official" else body + head)
-    perturb(exp.target.params, exp.target.keys, 0.05, seed=2)
-    tasks = sample_tasks(exp, WAYS, SHOTS, QUERIES, TASKS)
-    w = leaves(exp.learner.meta_parameters())
-    teacher_w = _teacher_weights(exp, w)
+    parts, w, teacher_w, tasks, lrs = _matches_reference(cfg, exp, head, f"anil compat={compat}")
     if compat == "official":
         assert all(torch.equal(teacher_w[k], w[k]) for k in body)
         assert not torch.equal(teacher_w["classifier.weight"], w["classifier.weight"])
-    parts, grads = project_side(exp, tasks)
-    torch.manual_seed(SEED)
-    lrs = {k: cfg.algo.inner_lr for k in head}
-    ref = gradient_reference(w, teacher_w, head, lrs, lrs, tasks, cfg.algo.inner_steps, cfg.simt.drop_p,
-                             cfg.simt.lam, cfg.simt.temp)
-    worst = compare(parts, grads, ref, reference_grads(ref, w))
-    print(f"anil compat={compat}: largest relative error {worst:.3g}")
-
-    if compat == "official":  # the test tells the two teachers apart: a teacher on the averaged body would differ
+        # The test tells the two teachers apart: a teacher on the averaged body would differ.
         for key in body:
             teacher_w[key] = teacher_w[key] + 0.05 * torch.randn(teacher_w[key].shape, dtype=F64,
                                                                generator=torch.Generator().manual_seed(3))

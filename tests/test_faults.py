@@ -236,14 +236,15 @@ def test_ctrl_c_in_training_saves_a_checkpoint_exits_130_and_restores_the_handle
     assert checkpoint.load(tmp_path / checkpoint.LAST)["step"] == 3  # the step under way when the signal came
 
 
-def test_ctrl_c_on_the_command_line_saves_a_checkpoint_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["preemption", "ctrl-c"])
+def test_a_stop_signal_on_the_command_line_saves_a_checkpoint_and_exits(signum, tmp_path):
     run = _start(tmp_path, *fast("trainer.steps=100000", "trainer.checkpoint_every=100000",
                                  "trainer.eval_every=100000"))
     log_file = tmp_path / "run.log"
     _wait_for(lambda: log_file.exists() and "training" in log_file.read_text(), run)
     time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=60) == 128 + signal.SIGINT
+    run.send_signal(signum)
+    assert run.wait(timeout=60) == 128 + signum  # 143, 130
     assert "Traceback" not in run.stderr.read()
     assert 0 < checkpoint.load(tmp_path / "last.pt")["step"] < 100000
 

@@ -152,17 +152,6 @@ def test_resume_keeps_validating_on_the_checkpoints_number_of_episodes(tmp_path,
     assert (tmp_path / "results.json").stat().st_mtime_ns == written
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
-    run = _start(tmp_path, *fast("trainer.steps=100000", "trainer.checkpoint_every=100000",
-                                 "trainer.eval_every=100000"))
-    log_file = tmp_path / "run.log"
-    _wait_for(lambda: log_file.exists() and "training" in log_file.read_text(), run)
-    time.sleep(0.5)
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) == 128 + signal.SIGTERM
-    assert 0 < checkpoint.load(tmp_path / "last.pt")["step"] < 100000
-
-
 def test_tasks_per_backward_reaches_every_training_step(tmp_path, monkeypatch):
     real, seen = trainer.meta_batch_backward, []
     monkeypatch.setattr(trainer, "meta_batch_backward",
