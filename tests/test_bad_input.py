@@ -2,6 +2,7 @@
 no checkpoint able to choose the code that runs."""
 import fcntl
 import os
+import runpy
 import sys
 from pathlib import Path
 
@@ -45,10 +46,16 @@ PROBES = [
 
 
 @pytest.mark.parametrize("override,message", PROBES)
-def test_a_bad_value_is_one_line_before_hydra_starts(override, message, tmp_path):
-    with pytest.raises(pipeline.ConfigError) as error:
-        pipeline.check_command_line([*FAST, override, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert message in str(error.value) and "\n" not in str(error.value)
+def test_a_bad_value_is_one_line_and_leaves_no_run_directory(override, message, tmp_path, monkeypatch, capsys):
+    """run.py's own entry point, in this process (a subprocess per probe would cost seconds each)."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["run.py", *FAST, override, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2 and stderr.startswith("error: ") and message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not run_dir.exists()
 
 
 def test_a_run_directory_only_hydra_can_resolve_is_left_to_hydra(tmp_path):
