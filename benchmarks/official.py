@@ -1,23 +1,38 @@
 """An official-style SiMT meta-step: the baseline the benchmark compares our engines with.
 
 Written for the benchmark from a description of how the official SiMT code (torch 1.8 + torchmeta) is
-organised, not from its source. What it keeps of that structure, because that is what costs time:
+organised (/work/shared/DESIGN.md sections 4 and 7, the README's "Fidelity to the official code"), not from
+its source. What it keeps of that structure, because that is what costs time:
 
-- Data: a torchvision-style Dataset whose `__getitem__` decodes one PNG image with PIL and converts it
-  with `transforms.ToTensor()`; an episode is assembled image by image (our TaskSampler instead indexes
-  one in-memory uint8 tensor).
-- One task at a time. The inner loop adapts an OrderedDict of the nn.Module's named parameters with
+- Data: the step takes a meta-batch already decoded and stacked, (tasks, N, C, H, W) tensors as torchmeta's
+  DataLoader hands them (`MetaBatch`), and copies it to the device. Decoding is not part of the step: the
+  benchmark decodes a small pool of meta-batches beforehand with `PngEpisodes` (a torchvision-style Dataset
+  whose `__getitem__` decodes one PNG image with PIL and converts it with `transforms.ToTensor()`), and times
+  that decoding on its own (its task-sampling table).
+- MAML: one task at a time. The inner loop adapts an OrderedDict of the nn.Module's named parameters with
   `torch.autograd.grad(create_graph=True)` and runs the network functionally on those weights, the way a
   torchmeta `MetaModule.forward(x, params=...)` does (`meta_forward` below; our learners instead go
-  through `torch.func.functional_call` on a params dict).
-- Each task's outer loss is backpropagated as soon as it is computed (`loss.backward()` per task,
-  gradients accumulating in `.grad`), then one optimizer step for the meta-batch.
+  through `torch.func.functional_call` on a params dict). Each task's outer loss is backpropagated as soon
+  as it is computed (`loss.backward()` per task, gradients accumulating in `.grad`), then one optimizer step
+  for the meta-batch.
+- ProtoNet: the whole meta-batch in one pass. All tasks' support images go through the network as one
+  (tasks * support, C, H, W) batch and all query images as another, so BatchNorm (train mode) shares its
+  batch statistics across the tasks and updates its running statistics once per pass; the momentum network
+  does the same under no_grad (dropout on for the supports, off for the queries). Prototypes per task
+  (a scatter-add over the stacked embeddings, as torchmeta's `get_prototypes`), logits = negative squared
+  distances, loss = (1-λ)·CE (mean over every query of the meta-batch) + λ·T²·KL(teacher‖student) with the
+  KL summed over a task's queries and averaged over the tasks; one backward for the meta-batch, one Adam
+  step.
 - The momentum network is a second nn.Module (a deep copy) updated in place after the optimizer step.
 
-What it computes is the same as our `loop` engine (tests/test_bench.py checks the meta-gradient in
-float64), so the timing comparison is between two implementations of one computation.
+What it computes (tests/test_bench.py checks the meta-gradient in float64): for MAML, what our `loop` engine
+computes; for ProtoNet, what our ProtoNet computes under `compat=official` (algo.meta_batch=shared, the KL
+summed over queries), which is not what our default ProtoNet (`compat=paper`: per-task BatchNorm statistics,
+a per-query mean KL) computes. The benchmark's ProtoNet ratios therefore compare the released code's
+structure with our default engine on the same episodes: the same convolutions, a different batching.
 """
 import copy
+import dataclasses
 import io
 from collections import OrderedDict
 
@@ -90,6 +105,31 @@ class PngEpisodes:
                     torch.stack(query), labels.repeat_interleave(self.queries))
 
 
+@dataclasses.dataclass
+class MetaBatch:
+    """A meta-batch as torchmeta's DataLoader hands it: every task's tensors stacked on a leading task axis."""
+
+    support_x: torch.Tensor  # (tasks, ways * shots, C, H, W)
+    support_y: torch.Tensor  # (tasks, ways * shots)
+    query_x: torch.Tensor  # (tasks, ways * queries, C, H, W)
+    query_y: torch.Tensor  # (tasks, ways * queries)
+
+    @classmethod
+    def stack(cls, tasks: list[Task]) -> "MetaBatch":
+        return cls(*(torch.stack([getattr(task, name) for task in tasks])
+                     for name in ("support_x", "support_y", "query_x", "query_y")))
+
+    def to(self, device: torch.device) -> "MetaBatch":
+        return MetaBatch(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def tasks(self) -> list[Task]:
+        """Task t's tensors (views), for a learner that runs one task at a time."""
+        return [Task(self.support_x[t], self.support_y[t], self.query_x[t], self.query_y[t]) for t in range(len(self))]
+
+
 # -- the network run on explicit weights (torchmeta's MetaModule.forward(x, params)) ---------------
 
 def meta_forward(model: nn.Module, x: torch.Tensor, params: Weights) -> torch.Tensor:
@@ -157,7 +197,7 @@ def _plain_norm_names(model: nn.Module) -> set[str]:
 
 
 def _distillation(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-    """T² · KL(teacher || student) on temperature-softened distributions, averaged over query rows."""
+    """T² · KL(teacher || student) on temperature-softened distributions, averaged over query rows (MAML)."""
     teacher_probs = F.softmax(teacher / temp, dim=1)
     return F.kl_div(F.log_softmax(student / temp, dim=1), teacher_probs, reduction="batchmean") * temp ** 2
 
@@ -167,7 +207,8 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class _OfficialLearner:
-    """Outer loop shared by both: per-task backward, one Adam step, then the momentum network's EMA."""
+    """Outer loop shared by both: the meta-batch's backward (MAML: per task), one Adam step, then the momentum
+    network's EMA."""
 
     def __init__(self, model: nn.Module, lr: float, momentum: dict | None, averaged: list[str]):
         self.model = model
@@ -176,15 +217,17 @@ class _OfficialLearner:
         self.momentum_model = copy.deepcopy(model) if momentum is not None else None
         self.averaged = averaged
 
-    def meta_step(self, tasks: list[Task]) -> None:
+    def meta_step(self, batch: "MetaBatch | list[Task]") -> None:
         self.optimizer.zero_grad()
-        self.accumulate(tasks)
+        self.accumulate(batch)
         self.optimizer.step()
         if self.momentum_model is not None:
             self.update_momentum()
 
-    def accumulate(self, tasks: list[Task]) -> list[float]:
+    def accumulate(self, tasks: "MetaBatch | list[Task]") -> list[float]:
         """Backpropagate each task's outer loss / len(tasks) at once; returns per-task accuracies (logged)."""
+        if isinstance(tasks, MetaBatch):  # the loader's stacked tensors, run task by task
+            tasks = tasks.tasks()
         accuracies = []
         for task in tasks:
             student = self.student_logits(task)
@@ -250,36 +293,79 @@ class OfficialMAML(_OfficialLearner):
             return meta_forward(self.model, task.query_x, params)
 
 
-def _prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Negative squared distances of each query embedding to each class mean of the support embeddings."""
-    ways = int(support_y.max()) + 1
-    prototypes = torch.stack([support[support_y == k].mean(0) for k in range(ways)])
-    return -((query[:, None] - prototypes[None]) ** 2).sum(-1)
+def _prototypes(support: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
+    """(tasks, S, D) embeddings, (tasks, S) labels -> (tasks, ways, D) class means, by one scatter-add over the
+    stacked tasks (torchmeta's `get_prototypes`)."""
+    tasks, _, dim = support.shape
+    counts = support.new_zeros(tasks, ways).scatter_add_(1, support_y, support.new_ones(support_y.shape))
+    sums = support.new_zeros(tasks, ways, dim).scatter_add_(1, support_y[..., None].expand_as(support), support)
+    return sums / counts.clamp(min=1)[..., None]
+
+
+def _prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor,
+                      ways: int) -> torch.Tensor:
+    """(tasks, Q, ways): negative squared distances of each query embedding to its task's prototypes."""
+    prototypes = _prototypes(support, support_y, ways)
+    return -((query[:, :, None] - prototypes[:, None]) ** 2).sum(-1)
+
+
+def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(tasks, N, C, H, W) -> (tasks, N, D): one pass of `model` over all the tasks' images at once."""
+    return model(x.flatten(0, 1)).view(*x.shape[:2], -1)
 
 
 class OfficialProtoNet(_OfficialLearner):
-    """ProtoNet (+ SiMT) in the official structure: plain `model(x)` calls, BN running statistics, no inner loop."""
+    """ProtoNet (+ SiMT) in the official structure: the meta-batch embedded in one plain `model(x)` pass for
+    the supports and one for the queries (BN in train mode, running statistics), no inner loop, one backward.
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: dict | None = None):
+    `ways`: classes per task (the official code's configured number); None reads it from the labels.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: dict | None = None, ways: int | None = None):
         super().__init__(model, lr, momentum, averaged=[name for name, _ in model.named_parameters()])
+        self.ways = ways
 
-    def student_logits(self, task: Task) -> torch.Tensor:
+    def _ways(self, batch: MetaBatch) -> int:
+        return self.ways or int(batch.support_y.max()) + 1
+
+    def accumulate(self, batch: "MetaBatch | list[Task]") -> list[float]:
+        """Backpropagate the meta-batch's loss (one backward); returns per-task accuracies (logged)."""
+        if not isinstance(batch, MetaBatch):
+            batch = MetaBatch.stack(batch)
+        student = self.student_logits(batch)
+        flat_student, flat_y = student.flatten(0, 1), batch.query_y.flatten()
+        loss = F.cross_entropy(flat_student, flat_y)  # the mean over every query of the meta-batch
+        if self.momentum_model is not None:
+            lam, temp = self.momentum["lam"], self.momentum["temp"]
+            teacher = self.teacher_logits(batch)
+            # T² · KL(teacher || student), summed over a task's queries, averaged over the tasks.
+            kl = F.kl_div(F.log_softmax(flat_student / temp, dim=1), F.softmax(teacher.flatten(0, 1) / temp, dim=1),
+                          reduction="sum") / len(batch)
+            loss = (1 - lam) * loss + lam * kl * temp ** 2
+        loss.backward()
+        return (student.detach().argmax(-1) == batch.query_y).float().mean(1).tolist()
+
+    def student_logits(self, batch: MetaBatch) -> torch.Tensor:
         self.model.train()
         set_dropout(self.model, True)
-        return _prototype_logits(self.model(task.support_x), task.support_y, self.model(task.query_x))
+        return _prototype_logits(_embed(self.model, batch.support_x), batch.support_y,
+                                 _embed(self.model, batch.query_x), self._ways(batch))
 
     @torch.no_grad()
-    def teacher_logits(self, task: Task) -> torch.Tensor:
+    def teacher_logits(self, batch: MetaBatch) -> torch.Tensor:
         model = self.momentum_model.train()
         set_dropout(model, True)  # dropout on for the target's support pass, off for its query pass
-        support = model(task.support_x)
+        support = _embed(model, batch.support_x)
         set_dropout(model, False)
-        return _prototype_logits(support, task.support_y, model(task.query_x))
+        return _prototype_logits(support, batch.support_y, _embed(model, batch.query_x), self._ways(batch))
 
     @torch.no_grad()
     def eval_logits(self, task: Task) -> torch.Tensor:
+        """One test task (eval mode: running BN statistics, no dropout): (queries, ways) logits."""
+        batch = MetaBatch(task.support_x[None], task.support_y[None], task.query_x[None], task.query_y[None])
         self.model.eval()
         try:
-            return _prototype_logits(self.model(task.support_x), task.support_y, self.model(task.query_x))
+            return _prototype_logits(_embed(self.model, batch.support_x), batch.support_y,
+                                     _embed(self.model, batch.query_x), self._ways(batch))[0]
         finally:
             self.model.train()

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from benchmarks import bench
-from benchmarks.official import OfficialMAML, OfficialProtoNet, PngImages
+from benchmarks.official import MetaBatch, OfficialMAML, OfficialProtoNet, PngImages
 from simt.algorithms import GradientLearner, ProtoNet
 from simt.data.tasks import Task
 from simt.models import Conv4, ResNet12
 from simt.momentum import MomentumTarget
 from simt.trainer import meta_batch_loss
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_cfg
 
 F64 = torch.float64
 WAYS = 3
@@ -91,24 +91,36 @@ def _model(algo: str, backbone: str):
     return ResNet12(1, 16, out, widths=(2, 2, 2, 2), transductive_bn=out is not None).to(F64)
 
 
+def _official_compat() -> dict:
+    """What `compat=official` sets for ProtoNet, read from the composed config (not restated here)."""
+    cfg = make_cfg("algo=protonet", "compat=official")
+    return {"meta_batch": cfg.algo.meta_batch, "per_task_distillation": cfg.compat.protonet_kl}
+
+
 @pytest.mark.parametrize("simt", [False, True], ids=["plain", "simt"])
 @pytest.mark.parametrize("algo, backbone", [("maml", "conv4"), ("maml", "resnet12"), ("protonet", "conv4")])
-def test_official_baseline_gives_the_loop_engines_meta_gradient(algo, backbone, simt):
-    """Float64: the official-style per-task loop (meta_forward on an OrderedDict of parameters, per-task
-    backward) and our loop engine (params dict, one backward of the mean) agree on the meta-gradient."""
+def test_official_baseline_gives_our_meta_gradient(algo, backbone, simt):
+    """Float64: the official-style baseline and our learner agree on the meta-gradient. MAML: the per-task
+    loop (meta_forward on an OrderedDict of parameters, per-task backward) against our loop engine (params
+    dict, one backward of the mean). ProtoNet: the one-pass meta-batch (BN statistics shared by its tasks, KL
+    summed over a task's queries, one backward) against our ProtoNet built as `compat=official` builds it; the
+    BN running statistics, updated once per pass, agree too (student and target)."""
     model = _model(algo, backbone)
+    momentum = {"eta": 0.9, "lam": 0.5, "temp": 4.0} if simt else None
+    per_task_distillation = "mean"
     if algo == "maml":
         learner = GradientLearner(model, inner_lr=0.1, inner_steps=2, engine="loop")
-        official = OfficialMAML(copy.deepcopy(model), inner_lr=0.1, steps=2, eval_steps=2,
-                                momentum={"eta": 0.9, "lam": 0.5, "temp": 4.0} if simt else None)
+        official = OfficialMAML(copy.deepcopy(model), inner_lr=0.1, steps=2, eval_steps=2, momentum=momentum)
     else:
-        learner = ProtoNet(model, engine="loop")
-        official = OfficialProtoNet(copy.deepcopy(model), momentum={"eta": 0.9, "lam": 0.5, "temp": 4.0} if simt
-                                    else None)
+        compat = _official_compat()
+        assert compat == {"meta_batch": "shared", "per_task_distillation": "sum"}
+        per_task_distillation = compat["per_task_distillation"]
+        learner = ProtoNet(model, train_ways=None, meta_batch=compat["meta_batch"])
+        official = OfficialProtoNet(copy.deepcopy(model), momentum=momentum, ways=WAYS)
     target = None
     if simt:  # a target that differs from the student (else the distillation term has no gradient)
         target = MomentumTarget(learner.meta_parameters(), learner.momentum_keys, learner.momentum_buffers(),
-                                eta=0.9, lam=0.5, temp=4.0)
+                                eta=0.9, lam=0.5, temp=4.0, per_task_distillation=per_task_distillation)
         theirs = dict(official.momentum_model.named_parameters())
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -120,7 +132,7 @@ def test_official_baseline_gives_the_loop_engines_meta_gradient(algo, backbone, 
     tasks = _tasks()
     loss, stats = meta_batch_loss(learner, target, tasks)
     ours = torch.autograd.grad(loss, list(learner.meta_parameters().values()))
-    official.accumulate(tasks)
+    official.accumulate(MetaBatch.stack(tasks))  # the loader's stacked tensors (MAML runs them task by task)
     baseline = [p.grad for p in official.model.parameters()]
 
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
@@ -129,6 +141,55 @@ def test_official_baseline_gives_the_loop_engines_meta_gradient(algo, backbone, 
     assert ((flat(baseline) - reference).norm() / reference.norm()).item() <= 1e-9
     if simt:
         assert stats["distill_loss"] > 0
+    if algo == "protonet":
+        pairs = [(dict(learner.model.named_buffers()), dict(official.model.named_buffers()))]
+        if simt:
+            pairs.append((target.params, dict(official.momentum_model.named_buffers())))
+        for mine, baseline_buffers in pairs:
+            assert baseline_buffers["features.layer1.norm.num_batches_tracked"] == 2  # support pass, query pass
+            for name, value in baseline_buffers.items():
+                assert torch.allclose(mine[name], value, rtol=1e-12, atol=1e-12), name
+
+
+def test_official_protonet_is_not_our_default_protonet():
+    """The baseline's one pass and summed KL are the released code's, not our default (compat=paper): on the
+    same tasks the meta-gradients differ, so the benchmark's ProtoNet rows time two different batchings."""
+    model = _model("protonet", "conv4")
+    learner = ProtoNet(model, train_ways=None)  # meta_batch=per_task, the default
+    official = OfficialProtoNet(copy.deepcopy(model), ways=WAYS)
+    tasks = _tasks()
+    loss, _ = meta_batch_loss(learner, None, tasks)
+    ours = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(learner.meta_parameters().values()))])
+    official.accumulate(tasks)
+    theirs = torch.cat([p.grad.flatten() for p in official.model.parameters()])
+    assert ((theirs - ours).norm() / ours.norm()).item() > 1e-3
+
+
+@pytest.mark.parametrize("algo", bench.ALGOS)
+def test_official_rows_take_decoded_meta_batches_of_our_rows_episode_shapes(algo, monkeypatch):
+    """The official-style step is handed stacked float tensors decoded beforehand (no PNG in the timed step), in
+    the episode shapes our engines' rows sample: 5-way for ProtoNet too (algo.train_ways=null)."""
+    setting = bench.QUICK[0]
+    cfg = bench.compose_config(setting, algo, True, torch.device("cpu"), 1)
+    exp = bench.build(cfg, "loop")
+    split = exp.dataset.split("train")
+    ours = split.sampler(setting.ways, setting.shots, setting.queries, seed=cfg.seed).sample()
+    pool = bench.official_pool(setting, PngImages(split.images, split.offsets), seed=cfg.seed)
+    assert len(pool) == bench.OFFICIAL_POOL
+    for batch in pool:
+        assert isinstance(batch, MetaBatch) and len(batch) == setting.meta_batch
+        assert batch.support_x.shape[1:] == ours.support_x.shape and batch.query_x.shape[1:] == ours.query_x.shape
+        assert batch.support_x.dtype == ours.support_x.dtype == torch.float32
+        assert torch.equal(batch.support_y[0], ours.support_y) and torch.equal(batch.query_y[0], ours.query_y)
+    if algo == "protonet":
+        assert exp.learner.train_ways is None and not exp.learner.shares_batch_statistics  # our default engine
+        assert setting.ways == 5
+    step = bench.official_step(exp, cfg, setting, algo, PngImages(split.images, split.offsets))
+    calls = []
+    original = PngImages.__getitem__
+    monkeypatch.setattr(PngImages, "__getitem__", lambda self, index: calls.append(index) or original(self, index))
+    step()
+    assert calls == []  # nothing decoded inside the step
 
 
 @pytest.mark.parametrize("channels", [1, 3])
