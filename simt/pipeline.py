@@ -65,8 +65,10 @@ def _int_in(low: int, high: int, why: str = ""):
             f"an integer in {low}..{high:,}" + (f" ({why})" if why else ""))
 
 
-def _positive_float32(v) -> bool:
-    return _is_number(v) and 0 < v <= FLOAT32_MAX
+# A step size or temperature: positive, and finite once it is a float32 parameter's factor.
+POSITIVE_FLOAT32 = (lambda v: _is_number(v) and 0 < v <= FLOAT32_MAX,
+                    f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)")
+EPISODE_COUNT = _int_in(2, 10**6, "a million episodes take hours on a GPU")  # two at least: a CI needs two
 
 
 def _in_unit_interval(v) -> bool:
@@ -84,14 +86,14 @@ RULES = {
     "simt.eta_schedule": (lambda v: v in ETA_SCHEDULES, f"one of {', '.join(ETA_SCHEDULES)}"),
     "simt.lam": (_in_unit_interval, "a number in [0, 1]"),
     "simt.drop_p": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "simt.temp": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "simt.temp": POSITIVE_FLOAT32,
     "task.ways": _int_in(2, 10_000),
     "task.shots": _int_in(1, 10_000),
     "task.queries": _int_in(1, 10_000),
     "task.meta_batch_size": _int_in(1, 1024, "1,024 tasks of 5 ways x 16 images at 84x84x3 are 6.9 GB of "
                                              "images alone"),
     "task.min_shots": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "algo.inner_lr": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "algo.inner_lr": POSITIVE_FLOAT32,
     "algo.inner_steps": _int_in(0, 1000, "a second-order step keeps its activations in memory"),
     "algo.eval_inner_steps": _int_in(0, 1000),
     "algo.train_ways": (lambda v: v is None or (_is_int(v) and 2 <= v <= 10_000), "null or an integer in 2..10,000"),
@@ -105,12 +107,11 @@ RULES = {
                                             "take 268 MB at 64 channels"),
     "backbone.hidden": _int_in(1, 4096, "a 4096-channel 3x3 convolution holds 604 MB of weights"),
     "trainer.steps": _int_in(1, 10**9),
-    "trainer.lr": (_positive_float32, f"a number in (0, {FLOAT32_MAX:.4g}] (finite in float32)"),
+    "trainer.lr": POSITIVE_FLOAT32,
     "trainer.eval_every": _int_in(1, 10**9),
     "trainer.checkpoint_every": _int_in(1, 10**9),
-    # eval_tasks first: the default val_tasks is computed from it. Two episodes at least: a CI needs two.
-    "trainer.eval_tasks": _int_in(2, 10**6, "a million episodes take hours on a GPU"),
-    "trainer.val_tasks": _int_in(2, 10**6, "a million episodes take hours on a GPU"),
+    "trainer.eval_tasks": EPISODE_COUNT,  # first: the default val_tasks is computed from it
+    "trainer.val_tasks": EPISODE_COUNT,
     "trainer.episode_seed": _int_in(0, SEED_MAX),
     "trainer.resume": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
